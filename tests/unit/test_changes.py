@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+from uproxy.changes import ChangeTracker
+from uproxy.model import (
+    AddressType,
+    EndpointSlice,
+    ObjectKey,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+    SliceEndpoint,
+    SlicePort,
+)
+
+WEB = ObjectKey("default", "web")
+HTTP = ServicePortName("default", "web", "http")
+
+
+def web_ports(port: int = 80) -> tuple[ServicePort, ...]:
+    return (ServicePort(HTTP, Protocol.TCP, port, cluster_ips=("10.96.0.10",)),)
+
+
+def web_slice(name: str, *ips: str, service: ObjectKey = WEB) -> EndpointSlice:
+    return EndpointSlice(
+        key=ObjectKey("default", name),
+        service=service,
+        address_type=AddressType.IPV4,
+        ports=(SlicePort("http", 8080, Protocol.TCP),),
+        endpoints=tuple(SliceEndpoint((ip,)) for ip in ips),
+    )
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def tracker() -> ChangeTracker:
+    t = ChangeTracker(["files"], on_change=Counter())
+    t.source_synced("files")
+    return t
+
+
+def test_nothing_synced_until_every_source_reports() -> None:
+    t = ChangeTracker(["files", "api"], on_change=Counter())
+    t.source_synced("files")
+    assert not t.synced
+    t.source_synced("api")
+    assert t.synced
+
+
+def test_repeated_changes_collapse_into_final_state() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports(80))
+    t.service_updated(WEB, web_ports(81))
+    t.service_updated(WEB, web_ports(82))
+    snap = t.snapshot()
+    assert snap.state.services[HTTP].port == 82
+    assert snap.changed == {WEB}
+    assert not t.pending
+
+
+def test_change_that_returns_to_start_is_dropped() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports(80))
+    t.snapshot()
+    t.service_updated(WEB, web_ports(81))
+    t.service_updated(WEB, web_ports(80))
+    assert not t.pending
+    t.service_deleted(ObjectKey("default", "never-seen"))
+    assert not t.pending
+
+
+def test_identical_update_is_not_a_change() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.slice_updated(web_slice("web-a", "10.1.0.1"))
+    t.snapshot()
+    t.service_updated(WEB, web_ports())
+    t.slice_updated(web_slice("web-a", "10.1.0.1"))
+    assert not t.pending
+
+
+def test_slices_merge_per_service_port() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.slice_updated(web_slice("web-a", "10.1.0.1", "10.1.0.2"))
+    t.slice_updated(web_slice("web-b", "10.1.0.3"))
+    eps = t.snapshot().state.endpoints[HTTP]
+    assert [e.ip for e in eps] == ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+    assert {e.port for e in eps} == {8080}
+
+
+def test_slice_deleted_removes_its_endpoints() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.slice_updated(web_slice("web-a", "10.1.0.1"))
+    t.slice_updated(web_slice("web-b", "10.1.0.3"))
+    t.snapshot()
+    t.slice_deleted(ObjectKey("default", "web-a"))
+    snap = t.snapshot()
+    assert [e.ip for e in snap.state.endpoints[HTTP]] == ["10.1.0.3"]
+    assert snap.changed == {WEB}
+
+
+def test_slice_moving_between_services_updates_both() -> None:
+    other = ObjectKey("default", "api")
+    api = ServicePortName("default", "api", "http")
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.service_updated(other, (ServicePort(api, Protocol.TCP, 80),))
+    t.slice_updated(web_slice("moving", "10.1.0.1"))
+    t.snapshot()
+    t.slice_updated(web_slice("moving", "10.1.0.1", service=other))
+    snap = t.snapshot()
+    assert snap.state.endpoints[HTTP] == ()
+    assert [e.ip for e in snap.state.endpoints[api]] == ["10.1.0.1"]
+    assert snap.changed == {WEB, other}
+
+
+def test_endpoints_arriving_before_service_are_used() -> None:
+    t = tracker()
+    t.slice_updated(web_slice("web-a", "10.1.0.1"))
+    t.service_updated(WEB, web_ports())
+    assert [e.ip for e in t.snapshot().state.endpoints[HTTP]] == ["10.1.0.1"]
+
+
+def test_deleted_service_leaves_no_state() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.slice_updated(web_slice("web-a", "10.1.0.1"))
+    t.snapshot()
+    t.service_deleted(WEB)
+    snap = t.snapshot()
+    assert HTTP not in snap.state.services
+    assert HTTP not in snap.state.endpoints
+
+
+def test_oldest_change_time_is_reported_once() -> None:
+    now = [10.0]
+    t = ChangeTracker(["files"], on_change=Counter(), clock=lambda: now[0])
+    t.source_synced("files")
+    t.service_updated(WEB, web_ports(80))
+    now[0] = 11.0
+    t.service_updated(WEB, web_ports(81))
+    assert t.snapshot().oldest_change == 10.0
+    assert t.snapshot().oldest_change is None

@@ -1,0 +1,3 @@
+"""uproxy: a Kubernetes-style service proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,4 @@
+from uproxy.cli import main
+
+if __name__ == "__main__":
+    main()

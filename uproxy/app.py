@@ -1,0 +1,170 @@
+"""The composition root: the only place that builds real kernel backends, sources and proxiers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from uproxy.changes import ChangeTracker
+from uproxy.dataplane.sockopt import raise_nofile_limit
+from uproxy.errors import SettingsError
+from uproxy.proxier.portals import NoPortals, Portals
+from uproxy.proxier.userspace import UserspaceProxier
+from uproxy.runner import SyncRunner
+from uproxy.settings import Settings
+from uproxy.sources.base import Source
+from uproxy.sources.manifests import ManifestSource
+
+log = structlog.get_logger(__name__)
+
+
+def bundled_examples() -> Path:
+    """The example manifests `uproxy run` uses when given no source at all."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "examples", here.parent / "examples"):
+        if candidate.is_dir():
+            return candidate
+    raise SettingsError("no --config given and the bundled examples are not installed")
+
+
+def build_sources(settings: Settings) -> list[Source]:
+    paths = settings.config_paths or (bundled_examples(),)
+    return [ManifestSource(paths, dns_refresh=settings.dns_refresh_period)]
+
+
+def build_portals(settings: Settings) -> Portals:
+    if not settings.portals:
+        return NoPortals()
+    from uproxy.kernel.netfilter import build_netfilter
+    from uproxy.proxier.netfilter_portals import NetfilterPortals
+
+    return NetfilterPortals(
+        build_netfilter(settings.iptables_backend),
+        bind_address=settings.bind_address,
+        nodeport_addresses=settings.nodeport_addresses,
+    )
+
+
+class App:
+    """Wires sources -> change tracker -> runner -> proxier, and owns every task it starts."""
+
+    def __init__(self, settings: Settings, sources: list[Source], portals: Portals) -> None:
+        self.settings = settings
+        self.sources = sources
+        self.portals = portals
+        self.proxier = UserspaceProxier(
+            bind_address=settings.bind_address,
+            port_range=settings.proxy_port_range,
+            node_name=settings.hostname,
+            udp_timeout=settings.udp_timeout,
+            udp_max_sessions=settings.udp_max_sessions,
+            portals=portals,
+        )
+        self.runner = SyncRunner(
+            self._sync,
+            min_interval=settings.min_sync_period,
+            max_interval=settings.sync_period,
+        )
+        self.tracker = ChangeTracker([s.name for s in sources], on_change=self.runner.request)
+        self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.last_sync: float | None = None
+
+    async def _sync(self) -> None:
+        if not self.tracker.synced:
+            return  # a partial view would remove services that simply have not arrived yet
+        snapshot = self.tracker.snapshot()
+        started = time.monotonic()
+        await self.proxier.sync(snapshot.state)
+        self.last_sync = time.monotonic()
+        log.info(
+            "sync_done",
+            duration_ms=round((self.last_sync - started) * 1000, 2),
+            service_ports=len(snapshot.state.services),
+            changed_services=len(snapshot.changed),
+        )
+
+    def request_stop(self) -> None:
+        if self.stopping.is_set():
+            log.warning("second_stop_signal", action="closing connections now")
+            self.hurry.set()
+        else:
+            log.info("stop_signal", grace=self.settings.shutdown_grace)
+            self.stopping.set()
+
+    def reload(self) -> None:
+        log.info("reload_signal")
+        for source in self.sources:
+            source.refresh()
+
+    async def run(self) -> None:
+        soft_before, soft_now = raise_nofile_limit()
+        log.info(
+            "starting",
+            mode=self.settings.mode,
+            bind_address=self.settings.bind_address,
+            sources=[s.name for s in self.sources],
+            nofile=soft_now,
+            nofile_was=soft_before,
+        )
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        tasks = [loop.create_task(self.runner.run(), name="sync-runner")]
+        tasks += [
+            loop.create_task(s.run(self.tracker), name=f"source-{s.name}") for s in self.sources
+        ]
+        try:
+            await self._until_stopped(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._drain()
+            if self.settings.cleanup_on_exit:
+                await self.portals.cleanup()
+                log.info("cleanup_done")
+            self._remove_signals(loop)
+        log.info("stopped")
+
+    async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> None:
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        for task in tasks:
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _drain(self) -> None:
+        hurry = asyncio.ensure_future(self.hurry.wait())
+        drain = asyncio.ensure_future(self.proxier.shutdown(self.settings.shutdown_grace))
+        try:
+            await asyncio.wait([drain, hurry], return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
+                await self.proxier.shutdown(0)
+        finally:
+            hurry.cancel()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def serve(settings: Settings) -> None:
+    """Run uproxy until SIGTERM/SIGINT."""
+    app = App(settings, build_sources(settings), build_portals(settings))
+    await app.run()

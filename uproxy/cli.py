@@ -1,0 +1,249 @@
+"""Command line: flags -> one frozen Settings -> the app. The only place that exits.
+
+Flag names follow kube-proxy where kube-proxy has the flag.
+Exit codes: 0 success, 1 runtime or validation error, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from uproxy import __version__
+from uproxy.errors import SettingsError, UproxyError
+from uproxy.logs import configure_logging
+from uproxy.settings import Settings, parse_duration, parse_port_range
+
+log = structlog.get_logger(__name__)
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float | int):
+            return float(value)
+        try:
+            return parse_duration(str(value))
+        except SettingsError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+_log_options = [
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+        show_default=True,
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["auto", "console", "json"]),
+        default="auto",
+        show_default=True,
+        help="auto: a console renderer on a terminal, JSON otherwise.",
+    ),
+]
+
+
+def log_options(func: Any) -> Any:
+    for option in reversed(_log_options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="uproxy")
+def cli() -> None:
+    """uproxy: a Kubernetes-style service proxy (userspace mode, rebuilt properly)."""
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Manifest file or directory (Service, EndpointSlice; YAML or JSON). Repeatable. "
+    "Default: the bundled examples.",
+)
+@click.option("--bind-address", default="0.0.0.0", show_default=True, help="Where listeners bind.")
+@click.option(
+    "--proxy-port-range",
+    default="",
+    help="Proxy ports, LOW-HIGH or BASE+SIZE. Empty: chosen by the kernel.",
+)
+@click.option(
+    "--hostname-override",
+    default=None,
+    help="This node's name, for Local traffic policies. Default: $NODE_NAME, else the hostname.",
+)
+@click.option("--min-sync-period", type=DURATION, default="1s", show_default=True)
+@click.option("--sync-period", type=DURATION, default="30s", show_default=True)
+@click.option(
+    "--udp-timeout",
+    type=DURATION,
+    default="250ms",
+    show_default=True,
+    help="How long an idle UDP session lives.",
+)
+@click.option(
+    "--udp-max-sessions",
+    type=click.IntRange(min=1),
+    default=10000,
+    show_default=True,
+    help="UDP sessions per service port.",
+)
+@click.option(
+    "--shutdown-grace",
+    type=DURATION,
+    default="5s",
+    show_default=True,
+    help="How long SIGTERM waits for open connections.",
+)
+@click.option(
+    "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
+)
+@click.option(
+    "--portals/--no-portals",
+    default=True,
+    show_default=True,
+    help="Install netfilter rules that steer virtual IPs to the listeners.",
+)
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--nodeport-addresses",
+    default="",
+    help="Comma-separated CIDRs NodePorts answer on. Default: every local address.",
+)
+@click.option("--cleanup-on-exit", is_flag=True, help="Remove rules when stopping.")
+@click.option(
+    "--dns-refresh-period",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="How often FQDN endpoints are resolved again.",
+)
+@log_options
+def run(
+    config_paths: tuple[Path, ...],
+    bind_address: str,
+    proxy_port_range: str,
+    hostname_override: str | None,
+    min_sync_period: float,
+    sync_period: float,
+    udp_timeout: float,
+    udp_max_sessions: int,
+    shutdown_grace: float,
+    event_loop: str,
+    portals: bool,
+    iptables_backend: str,
+    nodeport_addresses: str,
+    cleanup_on_exit: bool,
+    dns_refresh_period: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run the proxy until SIGTERM or SIGINT."""
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    try:
+        settings = Settings(
+            config_paths=config_paths,
+            bind_address=bind_address,
+            proxy_port_range=parse_port_range(proxy_port_range),
+            hostname=hostname_override or os.environ.get("NODE_NAME") or socket.gethostname(),
+            min_sync_period=min_sync_period,
+            sync_period=sync_period,
+            udp_timeout=udp_timeout,
+            udp_max_sessions=udp_max_sessions,
+            shutdown_grace=shutdown_grace,
+            event_loop=event_loop,  # type: ignore[arg-type]
+            log_level=log_level,
+            log_format=log_format,  # type: ignore[arg-type]
+            portals=portals,
+            iptables_backend=iptables_backend,  # type: ignore[arg-type]
+            nodeport_addresses=tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip()),
+            cleanup_on_exit=cleanup_on_exit,
+            dns_refresh_period=dns_refresh_period,
+        )
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    from uproxy.app import serve
+    from uproxy.loops import loop_factory
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
+    except UproxyError as exc:
+        log.error("fatal", error=str(exc), error_type=type(exc).__name__)
+        sys.exit(1)
+    except PermissionError as exc:
+        log.error(
+            "fatal",
+            error=str(exc),
+            hint="portals need root or CAP_NET_ADMIN; use --no-portals to run listeners only",
+        )
+        sys.exit(1)
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Manifest file or directory. Repeatable.",
+)
+def check(config_paths: tuple[Path, ...]) -> None:
+    """Validate manifests and print the services they define."""
+    from uproxy.check import check_paths
+
+    table, errors = check_paths(config_paths)
+    click.echo(table)
+    for error in errors:
+        click.echo(f"error: {error}", err=True)
+    if errors:
+        click.echo(f"{len(errors)} error(s)", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+    help="auto cleans both backends.",
+)
+@log_options
+def cleanup(iptables_backend: str, log_level: str, log_format: str) -> None:
+    """Remove every chain and rule uproxy owns, then exit."""
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    from uproxy.proxier.netfilter_portals import cleanup_everything
+
+    try:
+        asyncio.run(cleanup_everything(iptables_backend))  # type: ignore[arg-type]
+    except UproxyError as exc:
+        log.error("cleanup_failed", error=str(exc))
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="uproxy")

@@ -1,0 +1,334 @@
+"""TCP: accept on a proxy port, dial an endpoint, splice both directions.
+
+Design notes (the why):
+- Accepting is ours, not the loop's: uvloop closes a listening server for good on EMFILE/ENFILE
+  (libuv reports the error to the listen callback and uvloop treats it as fatal). We accept in a
+  reader callback and, when out of descriptors, stop reading the socket for a while and log.
+- The endpoint is dialled before the client socket is wrapped in a transport, so a client with
+  no endpoint is closed at once and no data can arrive before there is somewhere to send it.
+- Each direction ends on its own (half-close): EOF from one side becomes write_eof() on the other
+  and the connection lives until both directions have ended; then both transports are closed
+  explicitly. Leaving a half-shut transport to the garbage collector crashes uvloop (a
+  use-after-free around pending shutdown requests), so no transport is ever left unclosed.
+- Backpressure: when one side's write buffer passes the high-water mark, the other side stops
+  reading until it drains, so memory per connection is bounded.
+- A reset (connection lost with an error) is passed on as a reset (SO_LINGER 0, then abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import socket
+from collections.abc import Callable
+from typing import cast
+
+import structlog
+
+from uproxy.balancer import LoadBalancer
+from uproxy.dataplane.sockopt import set_nodelay, set_reset_on_close
+from uproxy.dataplane.stats import PortStats
+from uproxy.model import ServicePortName
+
+log = structlog.get_logger(__name__)
+
+# kube-proxy's userspace dial schedule: each attempt goes to the next endpoint.
+DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = (0.05, 1.0)  # first and longest pause after running out of descriptors
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _Leg(asyncio.Protocol):
+    """One side of a spliced connection; forwards what it reads to its peer leg."""
+
+    __slots__ = ("_count_in", "eof", "lost", "peer", "splice", "transport")
+
+    def __init__(self, splice: Splice, count_in: bool) -> None:
+        self.splice = splice
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Leg
+        self.eof = False  # this side will send nothing more
+        self.lost = False  # this side's transport is gone
+        self._count_in = count_in
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        set_nodelay(transport.get_extra_info("socket"))
+        if self.peer.transport is None:
+            # The other leg is not connected yet: read nothing we could not deliver.
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        stats = self.splice.stats
+        if self._count_in:
+            stats.bytes_in += len(data)
+        else:
+            stats.bytes_out += len(data)
+        peer = self.peer.transport
+        if peer is not None and not peer.is_closing():
+            peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.splice.direction_ended(self)
+        return True  # keep our write side open: the other direction may still be flowing
+
+    def pause_writing(self) -> None:
+        peer = self.peer.transport
+        if peer is not None and not peer.is_closing():
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer.transport
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.splice.leg_lost(self, exc)
+
+
+class Splice:
+    """Two legs and the rules for ending them."""
+
+    __slots__ = ("_on_done", "client", "stats", "upstream")
+
+    def __init__(self, stats: PortStats, on_done: Callable[[Splice], None]) -> None:
+        self.stats = stats
+        self._on_done = on_done
+        self.client = _Leg(self, count_in=True)
+        self.upstream = self.new_upstream()
+
+    def new_upstream(self) -> _Leg:
+        """A fresh upstream leg for a dial attempt; a failed attempt's leg is never reused."""
+        self.upstream = _Leg(self, count_in=False)
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+        return self.upstream
+
+    def attached(self) -> None:
+        """Both legs are connected: start reading from the upstream too."""
+        upstream = self.upstream
+        if upstream.lost:
+            self.leg_lost(upstream, None)
+        elif upstream.transport is not None and not upstream.transport.is_closing():
+            upstream.transport.resume_reading()
+
+    def direction_ended(self, leg: _Leg) -> None:
+        peer = leg.peer.transport
+        if leg.peer.eof or peer is None:
+            self.close()
+        elif not peer.is_closing() and peer.can_write_eof():
+            peer.write_eof()
+
+    def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
+        if leg is not self.client and leg is not self.upstream:
+            return  # a dial attempt that was abandoned; it never carried data
+        peer = leg.peer
+        if peer.transport is not None and not peer.lost:
+            if exc is not None:
+                set_reset_on_close(peer.transport.get_extra_info("socket"))
+                peer.transport.abort()
+            else:
+                peer.transport.close()
+        if leg.lost and (peer.lost or peer.transport is None):
+            self._on_done(self)
+
+    def close(self) -> None:
+        """End both directions gracefully: buffered data is flushed, then the sockets close."""
+        for leg in (self.client, self.upstream):
+            if leg.transport is not None and not leg.transport.is_closing():
+                leg.transport.close()
+
+    def abort(self) -> None:
+        for leg in (self.client, self.upstream):
+            if leg.transport is not None and not leg.lost:
+                leg.transport.abort()
+
+
+class TcpListener:
+    """Owns one listening socket and every connection accepted on it."""
+
+    def __init__(
+        self,
+        name: ServicePortName,
+        sock: socket.socket,
+        balancer: LoadBalancer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.balancer = balancer
+        self.stats = PortStats()
+        self._sock = sock
+        self._loop = loop
+        self._splices: set[Splice] = set()
+        self._dials: set[asyncio.Task[None]] = set()
+        self._backoff = ACCEPT_BACKOFF[0]
+        self._resume: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.port: int = sock.getsockname()[1]
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._accept_ready)
+
+    @property
+    def connections(self) -> int:
+        return len(self._splices) + len(self._dials)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; established connections carry on."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def abort_all(self) -> None:
+        """Reset whatever is still open (the shutdown grace period is over)."""
+        for task in list(self._dials):
+            task.cancel()
+        for splice in list(self._splices):
+            splice.abort()
+
+    # --- accepting -----------------------------------------------------------------------------
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._pause_accepting(exc)
+                    return
+                log.warning("accept_failed", service=str(self.name), error=str(exc))
+                break
+            self._backoff = ACCEPT_BACKOFF[0]
+            self._start(conn, addr[0])
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        # Pending connections wait in the kernel backlog until descriptors are free again.
+        log.error(
+            "accept_paused",
+            service=str(self.name),
+            error=exc.strerror,
+            retry_in=self._backoff,
+            open_connections=self.connections,
+        )
+        self._loop.remove_reader(self._sock.fileno())
+        self._resume = self._loop.call_later(self._backoff, self._resume_accepting)
+        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF[1])
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+            self._accept_ready()
+
+    # --- one connection ------------------------------------------------------------------------
+
+    def _start(self, conn: socket.socket, client_ip: str) -> None:
+        self.stats.total += 1
+        if not self.balancer.endpoints:
+            self.stats.no_endpoint += 1
+            conn.close()
+            return
+        task = self._loop.create_task(self._connect(conn, client_ip))
+        self._dials.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._dial_done)
+
+    def _dial_done(self, task: asyncio.Task[None]) -> None:
+        self._dials.discard(task)
+        self._check_idle()
+
+    async def _connect(self, conn: socket.socket, client_ip: str) -> None:
+        splice = Splice(self.stats, self._splice_done)
+        try:
+            if not await self._dial(splice, client_ip):
+                conn.close()
+                return
+            self._splices.add(splice)
+            self.stats.active += 1
+            await self._loop.connect_accepted_socket(lambda: splice.client, conn)
+        except asyncio.CancelledError:
+            conn.close()
+            splice.abort()
+            raise
+        except OSError as exc:
+            # The client vanished while we dialled; the upstream leg must not outlive it.
+            log.debug("client_attach_failed", service=str(self.name), error=str(exc))
+            conn.close()
+            splice.close()
+            return
+        splice.attached()
+
+    async def _dial(self, splice: Splice, client_ip: str) -> bool:
+        reset = False
+        for attempt, timeout in enumerate(DIAL_TIMEOUTS):
+            endpoint = self.balancer.pick(client_ip, reset_affinity=reset)
+            if endpoint is None:
+                self.stats.no_endpoint += 1
+                return False
+            leg = splice.new_upstream()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._loop.create_connection(
+                        functools.partial(_same, leg), endpoint.ip, endpoint.port
+                    )
+            except (OSError, TimeoutError) as exc:
+                self.stats.dial_failures += 1
+                log.debug(
+                    "dial_failed",
+                    service=str(self.name),
+                    endpoint=str(endpoint),
+                    attempt=attempt + 1,
+                    error=str(exc) or type(exc).__name__,
+                )
+                reset = True
+                continue
+            if attempt:
+                self.stats.dial_retries += 1
+            return True
+        log.warning("dial_gave_up", service=str(self.name), attempts=len(DIAL_TIMEOUTS))
+        return False
+
+    def _splice_done(self, splice: Splice) -> None:
+        if splice in self._splices:
+            self._splices.discard(splice)
+            self.stats.active -= 1
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._splices and not self._dials:
+            self._idle.set()
+
+
+def _same(leg: _Leg) -> _Leg:
+    return leg
+
+
+def open_tcp_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,41 @@
+"""Portals steer a service's virtual addresses to the userspace listener of that service port.
+
+The userspace proxier owns the listeners and hands the complete desired set of portals to a
+`Portals` implementation after every sync; the implementation converges the kernel to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from uproxy.model import ServicePort, ServicePortName
+
+
+@dataclass(frozen=True, slots=True)
+class Portal:
+    """Traffic for every virtual address of `service` goes to the listener on `proxy_port`."""
+
+    service: ServicePort
+    proxy_port: int
+
+
+class Portals(Protocol):
+    async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
+        """Converge the kernel to exactly these portals: add what is missing, remove what is stale,
+        leave foreign rules alone. Idempotent. Raises KernelError when the kernel refuses; the
+        runner retries the whole sync."""
+
+    async def cleanup(self) -> None:
+        """Remove everything this implementation ever installed. Idempotent."""
+
+
+class NoPortals:
+    """For sidecars and tests that reach the listeners directly."""
+
+    async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
+        return None
+
+    async def cleanup(self) -> None:
+        return None

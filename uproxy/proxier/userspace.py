@@ -1,0 +1,238 @@
+"""The userspace proxier: one listener per service port, portals steering virtual IPs to them.
+
+A sync touches only what changed: a service port keeps its listener (and so its proxy port and
+its connections) across every change except a change of protocol; endpoint changes only reach
+its balancer. A removed port stops accepting while its established connections finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from uproxy.balancer import LoadBalancer
+from uproxy.convert import select_endpoints
+from uproxy.dataplane.sockopt import family_of
+from uproxy.dataplane.stats import PortStats
+from uproxy.dataplane.tcp import TcpListener, open_tcp_socket
+from uproxy.dataplane.udp import UdpListener, open_udp_socket
+from uproxy.errors import UproxyError
+from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.proxier.portals import Portal, Portals
+
+log = structlog.get_logger(__name__)
+
+Listener = TcpListener | UdpListener
+
+
+class ListenerStartError(UproxyError):
+    """Some service ports could not get a listener this sync; the others are in force."""
+
+
+@dataclass(slots=True)
+class _ServicePortState:
+    service: ServicePort
+    listener: Listener
+
+
+@dataclass(frozen=True, slots=True)
+class PortView:
+    """What the proxier knows about one service port, for status and metrics."""
+
+    service: ServicePort
+    proxy_port: int
+    endpoints: tuple[Endpoint, ...]
+    connections: int
+    affinity_entries: int
+    stats: PortStats
+
+
+class PortAllocator:
+    """Hands out proxy ports from --proxy-port-range; None lets the kernel choose."""
+
+    def __init__(self, port_range: tuple[int, int] | None) -> None:
+        self._range = port_range
+        self._used: set[int] = set()
+
+    def candidates(self) -> list[int]:
+        if self._range is None:
+            return [0]
+        low, high = self._range
+        free = [p for p in range(low, high + 1) if p not in self._used]
+        random.shuffle(free)
+        return free
+
+    def claim(self, port: int) -> None:
+        if self._range is not None:
+            self._used.add(port)
+
+    def release(self, port: int) -> None:
+        self._used.discard(port)
+
+
+class UserspaceProxier:
+    def __init__(
+        self,
+        *,
+        bind_address: str,
+        port_range: tuple[int, int] | None,
+        node_name: str,
+        udp_timeout: float,
+        udp_max_sessions: int,
+        portals: Portals,
+        balancer_factory: Callable[[], LoadBalancer] = LoadBalancer,
+    ) -> None:
+        self._bind_address = bind_address
+        self._family = family_of(bind_address)
+        self._ports = PortAllocator(port_range)
+        self._node_name = node_name
+        self._udp_timeout = udp_timeout
+        self._udp_max_sessions = udp_max_sessions
+        self._portals = portals
+        self._balancer_factory = balancer_factory
+        self._active: dict[ServicePortName, _ServicePortState] = {}
+        # Listeners of removed service ports whose connections are still finishing.
+        self._retired: set[Listener] = set()
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    # --- Proxier -------------------------------------------------------------------------------
+
+    async def sync(self, state: ProxyState) -> None:
+        for name in [n for n in self._active if n not in state.services]:
+            self._retire(name, "service port removed")
+        failed: list[str] = []
+        for name, service in state.services.items():
+            current = self._active.get(name)
+            if current is not None and current.service.protocol != service.protocol:
+                self._retire(name, "protocol changed")
+                current = None
+            if current is None:
+                try:
+                    current = self._start(service)
+                except OSError as exc:
+                    log.error("listener_failed", service=str(name), error=str(exc))
+                    failed.append(f"{name}: {exc}")
+                    continue
+            current.service = service
+            self._update_endpoints(current, state.endpoints.get(name, ()))
+        await self._portals.sync(
+            {name: Portal(s.service, s.listener.port) for name, s in self._active.items()}
+        )
+        if failed:
+            raise ListenerStartError("no listener for " + "; ".join(failed))
+
+    async def shutdown(self, grace: float) -> None:
+        listeners = [s.listener for s in self._active.values()] + list(self._retired)
+        for listener in listeners:
+            listener.stop_accepting()
+        open_now = sum(listener.connections for listener in listeners)
+        if open_now:
+            log.info("draining", connections=open_now, grace=grace)
+            waits = [listener.wait_idle() for listener in listeners]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout=grace)
+        left = sum(listener.connections for listener in listeners)
+        for listener in listeners:
+            listener.abort_all()
+        for task in list(self._reapers):
+            task.cancel()
+        if self._reapers:
+            await asyncio.gather(*self._reapers, return_exceptions=True)
+        self._active.clear()
+        self._retired.clear()
+        if left:
+            log.warning("drain_incomplete", connections_reset=left)
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def view(self) -> list[PortView]:
+        return [
+            PortView(
+                service=s.service,
+                proxy_port=s.listener.port,
+                endpoints=s.listener.balancer.endpoints,
+                connections=s.listener.connections,
+                affinity_entries=s.listener.balancer.affinity_entries,
+                stats=s.listener.stats,
+            )
+            for s in self._active.values()
+        ]
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _start(self, service: ServicePort) -> _ServicePortState:
+        loop = asyncio.get_running_loop()
+        last_error: OSError | None = None
+        for port in self._ports.candidates():
+            try:
+                listener = self._open(service, port, loop)
+            except OSError as exc:
+                last_error = exc
+                continue
+            self._ports.claim(listener.port)
+            log.info(
+                "listener_started",
+                service=str(service.name),
+                protocol=service.protocol.value,
+                address=self._bind_address,
+                port=listener.port,
+            )
+            state = _ServicePortState(service, listener)
+            self._active[service.name] = state
+            return state
+        raise last_error or OSError("no free port in --proxy-port-range")
+
+    def _open(self, service: ServicePort, port: int, loop: asyncio.AbstractEventLoop) -> Listener:
+        balancer = self._balancer_factory()
+        if service.protocol is Protocol.TCP:
+            sock = open_tcp_socket(self._bind_address, port, self._family)
+            return TcpListener(service.name, sock, balancer, loop)
+        sock = open_udp_socket(self._bind_address, port, self._family)
+        return UdpListener(
+            service.name,
+            sock,
+            balancer,
+            loop,
+            timeout=self._udp_timeout,
+            max_sessions=self._udp_max_sessions,
+        )
+
+    def _update_endpoints(self, state: _ServicePortState, endpoints: tuple[Endpoint, ...]) -> None:
+        usable = select_endpoints(endpoints)
+        if state.service.internal_traffic_local:
+            usable = tuple(e for e in usable if e.node_name == self._node_name)
+        balancer = state.listener.balancer
+        before = balancer.endpoints
+        balancer.update(usable, state.service.affinity_timeout)
+        balancer.sweep()
+        if balancer.endpoints != before:
+            if isinstance(state.listener, UdpListener):
+                state.listener.endpoints_changed()
+            log.info(
+                "endpoints_updated",
+                service=str(state.service.name),
+                endpoints=[str(e) for e in sorted(usable)],
+            )
+
+    def _retire(self, name: ServicePortName, reason: str) -> None:
+        state = self._active.pop(name)
+        listener = state.listener
+        listener.stop_accepting()
+        self._ports.release(listener.port)
+        log.info("listener_stopped", service=str(name), port=listener.port, reason=reason)
+        if listener.connections:
+            self._retired.add(listener)
+            task = asyncio.get_running_loop().create_task(self._reap(listener))
+            self._reapers.add(task)
+            task.add_done_callback(self._reapers.discard)
+
+    async def _reap(self, listener: Listener) -> None:
+        try:
+            await listener.wait_idle()
+        finally:
+            self._retired.discard(listener)

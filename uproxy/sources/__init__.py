@@ -1,0 +1,1 @@
+"""Sources translate the outside world (files, the Kubernetes API) into handler calls."""
