@@ -13,6 +13,10 @@ import structlog
 from uproxy.changes import ChangeTracker
 from uproxy.dataplane.sockopt import raise_nofile_limit
 from uproxy.errors import SettingsError
+from uproxy.model import ProxyState
+from uproxy.observe.health import Health
+from uproxy.observe.metrics import Metrics
+from uproxy.observe.server import ObserveConfig, ObserveServer
 from uproxy.proxier.portals import NoPortals, Portals
 from uproxy.proxier.userspace import UserspaceProxier
 from uproxy.runner import SyncRunner
@@ -33,8 +37,22 @@ def bundled_examples() -> Path:
 
 
 def build_sources(settings: Settings) -> list[Source]:
-    paths = settings.config_paths or (bundled_examples(),)
-    return [ManifestSource(paths, dns_refresh=settings.dns_refresh_period)]
+    sources: list[Source] = []
+    if settings.uses_kubernetes_api:
+        from uproxy.sources.kube import KubeSource
+
+        sources.append(
+            KubeSource(
+                kubeconfig=settings.kubeconfig,
+                context=settings.kube_context,
+                master=settings.master,
+                in_cluster=settings.in_cluster,
+            )
+        )
+    if settings.config_paths or not sources:
+        paths = settings.config_paths or (bundled_examples(),)
+        sources.append(ManifestSource(paths, dns_refresh=settings.dns_refresh_period))
+    return sources
 
 
 def build_portals(settings: Settings) -> Portals:
@@ -70,24 +88,61 @@ class App:
             min_interval=settings.min_sync_period,
             max_interval=settings.sync_period,
         )
-        self.tracker = ChangeTracker([s.name for s in sources], on_change=self.runner.request)
+        self.tracker = ChangeTracker([s.name for s in sources], on_change=self._changed)
+        self.health = Health(settings.sync_period)
+        self.metrics = Metrics(self.proxier.view)
+        self.observe = ObserveServer(
+            ObserveConfig(
+                healthz=settings.healthz_bind_address,
+                metrics=settings.metrics_bind_address,
+                mode=settings.mode,
+            ),
+            self.health,
+            self.metrics,
+            self.proxier.view,
+        )
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
-        self.last_sync: float | None = None
+
+    def _changed(self) -> None:
+        if self.tracker.synced:
+            self.health.sources_synced()
+        self.health.change_queued()
+        self.runner.request()
 
     async def _sync(self) -> None:
         if not self.tracker.synced:
             return  # a partial view would remove services that simply have not arrived yet
         snapshot = self.tracker.snapshot()
         started = time.monotonic()
-        await self.proxier.sync(snapshot.state)
-        self.last_sync = time.monotonic()
+        try:
+            await self.proxier.sync(snapshot.state)
+        except Exception:
+            self.health.sync_failed()
+            self.metrics.sync_failures.set(self.runner.consecutive_failures + 1)
+            raise
+        finished = time.monotonic()
+        self.health.sync_succeeded(self.tracker.oldest_change if self.tracker.pending else None)
+        self._record(snapshot.state, finished - started, snapshot.oldest_change, finished)
         log.info(
             "sync_done",
-            duration_ms=round((self.last_sync - started) * 1000, 2),
+            duration_ms=round((finished - started) * 1000, 2),
             service_ports=len(snapshot.state.services),
+            endpoints=sum(len(e) for e in snapshot.state.endpoints.values()),
             changed_services=len(snapshot.changed),
         )
+
+    def _record(
+        self, state: ProxyState, duration: float, oldest_change: float | None, finished: float
+    ) -> None:
+        metrics = self.metrics
+        metrics.sync_duration.observe(duration)
+        metrics.last_sync.set(time.time())
+        metrics.sync_failures.set(0)
+        metrics.service_ports.set(len(state.services))
+        metrics.endpoints.set(sum(len(e) for e in state.endpoints.values()))
+        if oldest_change is not None:
+            metrics.programming_latency.observe(finished - oldest_change)
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -113,6 +168,7 @@ class App:
             nofile_was=soft_before,
         )
         loop = asyncio.get_running_loop()
+        await self.observe.start()
         self._install_signals(loop)
         tasks = [loop.create_task(self.runner.run(), name="sync-runner")]
         tasks += [
@@ -128,6 +184,7 @@ class App:
             if self.settings.cleanup_on_exit:
                 await self.portals.cleanup()
                 log.info("cleanup_done")
+            await self.observe.stop()
             self._remove_signals(loop)
         log.info("stopped")
 

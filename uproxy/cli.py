@@ -19,7 +19,7 @@ import structlog
 from uproxy import __version__
 from uproxy.errors import SettingsError, UproxyError
 from uproxy.logs import configure_logging
-from uproxy.settings import Settings, parse_duration, parse_port_range
+from uproxy.settings import Settings, parse_bind_address, parse_duration, parse_port_range
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +78,14 @@ def cli() -> None:
     help="Manifest file or directory (Service, EndpointSlice; YAML or JSON). Repeatable. "
     "Default: the bundled examples.",
 )
+@click.option(
+    "--kubeconfig",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Follow Services and EndpointSlices from the API server in this kubeconfig.",
+)
+@click.option("--context", "kube_context", default=None, help="The kubeconfig context to use.")
+@click.option("--master", default=None, help="The API server's address (overrides kubeconfig).")
 @click.option("--bind-address", default="0.0.0.0", show_default=True, help="Where listeners bind.")
 @click.option(
     "--proxy-port-range",
@@ -134,6 +142,18 @@ def cli() -> None:
 )
 @click.option("--cleanup-on-exit", is_flag=True, help="Remove rules when stopping.")
 @click.option(
+    "--healthz-bind-address",
+    default="0.0.0.0:10256",
+    show_default=True,
+    help="IP:PORT for /healthz and /livez; empty disables.",
+)
+@click.option(
+    "--metrics-bind-address",
+    default="127.0.0.1:10249",
+    show_default=True,
+    help="IP:PORT for /metrics, /proxyMode, /status and the status page; empty disables.",
+)
+@click.option(
     "--dns-refresh-period",
     type=DURATION,
     default="10s",
@@ -143,6 +163,9 @@ def cli() -> None:
 @log_options
 def run(
     config_paths: tuple[Path, ...],
+    kubeconfig: Path | None,
+    kube_context: str | None,
+    master: str | None,
     bind_address: str,
     proxy_port_range: str,
     hostname_override: str | None,
@@ -156,6 +179,8 @@ def run(
     iptables_backend: str,
     nodeport_addresses: str,
     cleanup_on_exit: bool,
+    healthz_bind_address: str,
+    metrics_bind_address: str,
     dns_refresh_period: float,
     log_level: str,
     log_format: str,
@@ -165,6 +190,14 @@ def run(
     try:
         settings = Settings(
             config_paths=config_paths,
+            kubeconfig=kubeconfig,
+            kube_context=kube_context,
+            master=master,
+            # In a pod with no kubeconfig given, use the service account (as kube-proxy does).
+            in_cluster=kubeconfig is None
+            and master is None
+            and not config_paths
+            and "KUBERNETES_SERVICE_HOST" in os.environ,
             bind_address=bind_address,
             proxy_port_range=parse_port_range(proxy_port_range),
             hostname=hostname_override or os.environ.get("NODE_NAME") or socket.gethostname(),
@@ -181,6 +214,8 @@ def run(
             nodeport_addresses=tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip()),
             cleanup_on_exit=cleanup_on_exit,
             dns_refresh_period=dns_refresh_period,
+            healthz_bind_address=parse_bind_address(healthz_bind_address, "--healthz-bind-address"),
+            metrics_bind_address=parse_bind_address(metrics_bind_address, "--metrics-bind-address"),
         )
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
@@ -243,6 +278,36 @@ def cleanup(iptables_backend: str, log_level: str, log_format: str) -> None:
     except UproxyError as exc:
         log.error("cleanup_failed", error=str(exc))
         sys.exit(1)
+
+
+@cli.command()
+@click.option(
+    "--address",
+    default="127.0.0.1:10249",
+    show_default=True,
+    help="The running uproxy's --metrics-bind-address.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON document.")
+def status(address: str, as_json: bool) -> None:
+    """Show the live state of a running uproxy: services, endpoints, connections."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from uproxy.observe.status import render_table
+
+    try:
+        host, port = parse_bind_address(address, "--address") or ("", 0)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            document = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        click.echo(f"error: cannot read {url}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(document, indent=2) if as_json else render_table(document))
 
 
 def main() -> None:

@@ -74,9 +74,35 @@ def parse_port_range(text: str) -> tuple[int, int] | None:
     return (low, high)
 
 
+def parse_bind_address(text: str, flag: str) -> tuple[str, int] | None:
+    """kube-proxy's HOST:PORT (IPv6 as [::1]:PORT); "" disables the server."""
+    text = text.strip()
+    if not text:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not sep:
+            raise ValueError
+        ipaddress.ip_address(host)
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise SettingsError(
+            f"{flag}: {text!r} is not IP:PORT (for example 0.0.0.0:10256)"
+        ) from None
+    return host, port
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     config_paths: tuple[Path, ...] = ()
+    # The Kubernetes API source: any of these enables it.
+    kubeconfig: Path | None = None
+    kube_context: str | None = None
+    master: str | None = None
+    in_cluster: bool = False
     mode: ProxyMode = "userspace"
     bind_address: str = "0.0.0.0"
     proxy_port_range: tuple[int, int] | None = None
@@ -95,6 +121,13 @@ class Settings:
     nodeport_addresses: tuple[str, ...] = ()
     cleanup_on_exit: bool = False
     dns_refresh_period: float = 10.0
+    # kube-proxy's ports; None disables the server.
+    healthz_bind_address: tuple[str, int] | None = ("0.0.0.0", 10256)
+    metrics_bind_address: tuple[str, int] | None = ("127.0.0.1", 10249)
+
+    @property
+    def uses_kubernetes_api(self) -> bool:
+        return self.kubeconfig is not None or self.master is not None or self.in_cluster
 
     def __post_init__(self) -> None:
         try:

@@ -24,6 +24,14 @@ from tests import backends as be
 from tests.manifests import backend_slices, service, write
 from tests.uproxy_process import UproxyProcess
 
+# Several proxies run side by side in tests: never on kube-proxy's fixed ports.
+OBSERVE_ON_FREE_PORTS = (
+    "--healthz-bind-address",
+    "127.0.0.1:0",
+    "--metrics-bind-address",
+    "127.0.0.1:0",
+)
+
 pytestmark = pytest.mark.parametrize("event_loop_name", ["uvloop", "asyncio"])
 
 
@@ -42,6 +50,7 @@ def start(config: Path, event_loop_name: str, *extra: str, **kw: object) -> Upro
             "0",
             "--event-loop",
             event_loop_name,
+            *OBSERVE_ON_FREE_PORTS,
             *extra,
         ],
         **kw,  # type: ignore[arg-type]

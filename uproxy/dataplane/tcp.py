@@ -29,7 +29,7 @@ import structlog
 from uproxy.balancer import LoadBalancer
 from uproxy.dataplane.sockopt import set_nodelay, set_reset_on_close
 from uproxy.dataplane.stats import PortStats
-from uproxy.model import ServicePortName
+from uproxy.model import Endpoint, ServicePortName
 
 log = structlog.get_logger(__name__)
 
@@ -98,10 +98,11 @@ class _Leg(asyncio.Protocol):
 class Splice:
     """Two legs and the rules for ending them."""
 
-    __slots__ = ("_on_done", "client", "stats", "upstream")
+    __slots__ = ("_on_done", "client", "endpoint", "stats", "upstream")
 
     def __init__(self, stats: PortStats, on_done: Callable[[Splice], None]) -> None:
         self.stats = stats
+        self.endpoint: Endpoint | None = None
         self._on_done = on_done
         self.client = _Leg(self, count_in=True)
         self.upstream = self.new_upstream()
@@ -170,6 +171,7 @@ class TcpListener:
         self._loop = loop
         self._splices: set[Splice] = set()
         self._dials: set[asyncio.Task[None]] = set()
+        self.per_endpoint: dict[Endpoint, int] = {}  # open connections by endpoint
         self._backoff = ACCEPT_BACKOFF[0]
         self._resume: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -264,6 +266,9 @@ class TcpListener:
                 return
             self._splices.add(splice)
             self.stats.active += 1
+            endpoint = splice.endpoint
+            if endpoint is not None:
+                self.per_endpoint[endpoint] = self.per_endpoint.get(endpoint, 0) + 1
             await self._loop.connect_accepted_socket(lambda: splice.client, conn)
         except asyncio.CancelledError:
             conn.close()
@@ -303,6 +308,7 @@ class TcpListener:
                 continue
             if attempt:
                 self.stats.dial_retries += 1
+            splice.endpoint = endpoint
             return True
         log.warning("dial_gave_up", service=str(self.name), attempts=len(DIAL_TIMEOUTS))
         return False
@@ -311,6 +317,13 @@ class TcpListener:
         if splice in self._splices:
             self._splices.discard(splice)
             self.stats.active -= 1
+            endpoint = splice.endpoint
+            if endpoint is not None:
+                left = self.per_endpoint.get(endpoint, 1) - 1
+                if left:
+                    self.per_endpoint[endpoint] = left
+                else:
+                    self.per_endpoint.pop(endpoint, None)
             self._check_idle()
 
     def _check_idle(self) -> None:

@@ -114,6 +114,13 @@ class UdpListener:
     def connections(self) -> int:
         return len(self._sessions)
 
+    @property
+    def per_endpoint(self) -> dict[Endpoint, int]:
+        counts: dict[Endpoint, int] = {}
+        for session in self._sessions.values():
+            counts[session.endpoint] = counts.get(session.endpoint, 0) + 1
+        return counts
+
     def stop_accepting(self) -> None:
         """UDP has nothing to drain: close every session and the socket."""
         for session in list(self._sessions.values()):

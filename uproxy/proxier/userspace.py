@@ -38,6 +38,7 @@ class ListenerStartError(UproxyError):
 class _ServicePortState:
     service: ServicePort
     listener: Listener
+    endpoints: tuple[Endpoint, ...] = ()  # every known endpoint, usable or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,9 @@ class PortView:
 
     service: ServicePort
     proxy_port: int
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Endpoint, ...]  # every known endpoint, with its conditions
+    in_use: frozenset[Endpoint]  # the ones new connections go to
+    per_endpoint: dict[Endpoint, int]  # open connections or UDP sessions by endpoint
     connections: int
     affinity_entries: int
     stats: PortStats
@@ -155,7 +158,9 @@ class UserspaceProxier:
             PortView(
                 service=s.service,
                 proxy_port=s.listener.port,
-                endpoints=s.listener.balancer.endpoints,
+                endpoints=s.endpoints,
+                in_use=frozenset(s.listener.balancer.endpoints),
+                per_endpoint=dict(s.listener.per_endpoint),
                 connections=s.listener.connections,
                 affinity_entries=s.listener.balancer.affinity_entries,
                 stats=s.listener.stats,
@@ -203,6 +208,7 @@ class UserspaceProxier:
         )
 
     def _update_endpoints(self, state: _ServicePortState, endpoints: tuple[Endpoint, ...]) -> None:
+        state.endpoints = endpoints
         usable = select_endpoints(endpoints)
         if state.service.internal_traffic_local:
             usable = tuple(e for e in usable if e.node_name == self._node_name)
