@@ -11,6 +11,7 @@ packages=(
   python3 python3-venv python3-dev gcc
   iptables iproute2 conntrack nftables kmod
   curl socat dnsutils dnsmasq-base iperf3 procps
+  chromium
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
