@@ -65,6 +65,7 @@ def build_portals(settings: Settings) -> Portals:
         build_netfilter(settings.iptables_backend),
         bind_address=settings.bind_address,
         nodeport_addresses=settings.nodeport_addresses,
+        resync_period=settings.sync_period,
     )
 
 
@@ -169,6 +170,7 @@ class App:
         )
         loop = asyncio.get_running_loop()
         await self.observe.start()
+        await self.portals.flush_at_start()
         self._install_signals(loop)
         tasks = [loop.create_task(self.runner.run(), name="sync-runner")]
         tasks += [

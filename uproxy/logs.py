@@ -7,11 +7,38 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+import threading
+from typing import Any, Literal, TextIO
 
 import structlog
 
 LogFormat = Literal["auto", "console", "json"]
+
+# python-iptables points file descriptor 1 at a pipe while it works (in worker threads); every
+# write to stdout holds this lock so that no log line is swallowed by that pipe.
+STDOUT_LOCK = threading.RLock()
+
+
+class _LockedPrintLogger(structlog.PrintLogger):
+    def msg(self, message: str) -> None:
+        with STDOUT_LOCK:
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _LockedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def emit(self, record: logging.LogRecord) -> None:
+        with STDOUT_LOCK:
+            super().emit(record)
+
+
+def _locked_logger_factory(out: TextIO) -> Any:
+    def factory(*_: Any) -> _LockedPrintLogger:
+        return _LockedPrintLogger(out)
+
+    return factory
 
 
 def configure_logging(
@@ -34,8 +61,10 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=_locked_logger_factory(out),
         cache_logger_on_first_use=True,
     )
     # asyncio and friends log through the standard library; route their warnings the same way.
-    logging.basicConfig(level=logging.WARNING, stream=out, format="%(name)s: %(message)s")
+    handler = _LockedStreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)

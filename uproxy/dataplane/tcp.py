@@ -45,7 +45,7 @@ _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 class _Leg(asyncio.Protocol):
     """One side of a spliced connection; forwards what it reads to its peer leg."""
 
-    __slots__ = ("_count_in", "eof", "lost", "peer", "splice", "transport")
+    __slots__ = ("_count_in", "early", "eof", "lost", "lost_exc", "peer", "splice", "transport")
 
     def __init__(self, splice: Splice, count_in: bool) -> None:
         self.splice = splice
@@ -53,6 +53,10 @@ class _Leg(asyncio.Protocol):
         self.peer: _Leg
         self.eof = False  # this side will send nothing more
         self.lost = False  # this side's transport is gone
+        self.lost_exc: Exception | None = None
+        # Data that arrived before the peer leg was connected. uvloop starts reading right after
+        # connection_made() returns, so pausing there is not enough: hold it, then pause.
+        self.early: list[bytes] = []
         self._count_in = count_in
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,9 +65,6 @@ class _Leg(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         set_nodelay(transport.get_extra_info("socket"))
-        if self.peer.transport is None:
-            # The other leg is not connected yet: read nothing we could not deliver.
-            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         stats = self.splice.stats
@@ -72,12 +73,17 @@ class _Leg(asyncio.Protocol):
         else:
             stats.bytes_out += len(data)
         peer = self.peer.transport
-        if peer is not None and not peer.is_closing():
+        if peer is None:
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+        elif not peer.is_closing():
             peer.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        self.splice.direction_ended(self)
+        if self.peer.transport is not None:
+            self.splice.direction_ended(self)
         return True  # keep our write side open: the other direction may still be flowing
 
     def pause_writing(self) -> None:
@@ -92,6 +98,7 @@ class _Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.lost_exc = exc
         self.splice.leg_lost(self, exc)
 
 
@@ -115,11 +122,17 @@ class Splice:
         return self.upstream
 
     def attached(self) -> None:
-        """Both legs are connected: start reading from the upstream too."""
-        upstream = self.upstream
+        """The client leg is connected: deliver what the upstream sent meanwhile, then splice."""
+        upstream, client = self.upstream, self.client
+        if upstream.early and client.transport is not None and not client.transport.is_closing():
+            client.transport.writelines(upstream.early)
+        upstream.early.clear()
         if upstream.lost:
-            self.leg_lost(upstream, None)
-        elif upstream.transport is not None and not upstream.transport.is_closing():
+            self.leg_lost(upstream, upstream.lost_exc)
+            return
+        if upstream.eof:
+            self.direction_ended(upstream)
+        if upstream.transport is not None and not upstream.transport.is_closing():
             upstream.transport.resume_reading()
 
     def direction_ended(self, leg: _Leg) -> None:
@@ -139,7 +152,7 @@ class Splice:
                 peer.transport.abort()
             else:
                 peer.transport.close()
-        if leg.lost and (peer.lost or peer.transport is None):
+        if leg.lost and peer.lost:
             self._on_done(self)
 
     def close(self) -> None:
@@ -264,21 +277,19 @@ class TcpListener:
             if not await self._dial(splice, client_ip):
                 conn.close()
                 return
-            self._splices.add(splice)
-            self.stats.active += 1
-            endpoint = splice.endpoint
-            if endpoint is not None:
-                self.per_endpoint[endpoint] = self.per_endpoint.get(endpoint, 0) + 1
+            self._register(splice)
             await self._loop.connect_accepted_socket(lambda: splice.client, conn)
         except asyncio.CancelledError:
             conn.close()
             splice.abort()
+            self._splice_done(splice)
             raise
         except OSError as exc:
             # The client vanished while we dialled; the upstream leg must not outlive it.
             log.debug("client_attach_failed", service=str(self.name), error=str(exc))
             conn.close()
             splice.close()
+            self._splice_done(splice)
             return
         splice.attached()
 
@@ -312,6 +323,13 @@ class TcpListener:
             return True
         log.warning("dial_gave_up", service=str(self.name), attempts=len(DIAL_TIMEOUTS))
         return False
+
+    def _register(self, splice: Splice) -> None:
+        self._splices.add(splice)
+        self.stats.active += 1
+        endpoint = splice.endpoint
+        if endpoint is not None:
+            self.per_endpoint[endpoint] = self.per_endpoint.get(endpoint, 0) + 1
 
     def _splice_done(self, splice: Splice) -> None:
         if splice in self._splices:

@@ -22,6 +22,10 @@ class Portal:
 
 
 class Portals(Protocol):
+    async def flush_at_start(self) -> None:
+        """Start clean: empty this implementation's own rules (proxy ports of an earlier run are
+        dead). Idempotent."""
+
     async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
         """Converge the kernel to exactly these portals: add what is missing, remove what is stale,
         leave foreign rules alone. Idempotent. Raises KernelError when the kernel refuses; the
@@ -33,6 +37,9 @@ class Portals(Protocol):
 
 class NoPortals:
     """For sidecars and tests that reach the listeners directly."""
+
+    async def flush_at_start(self) -> None:
+        return None
 
     async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
         return None
