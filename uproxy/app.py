@@ -17,6 +17,7 @@ from uproxy.model import ProxyState
 from uproxy.observe.health import Health
 from uproxy.observe.metrics import Metrics
 from uproxy.observe.server import ObserveConfig, ObserveServer
+from uproxy.proxier.base import Proxier
 from uproxy.proxier.portals import NoPortals, Portals
 from uproxy.proxier.userspace import UserspaceProxier
 from uproxy.runner import SyncRunner
@@ -69,21 +70,31 @@ def build_portals(settings: Settings) -> Portals:
     )
 
 
+def build_proxier(settings: Settings, portals: Portals) -> Proxier:
+    if settings.mode == "ipvs":
+        from uproxy.proxier.ipvs import build_ipvs_proxier
+
+        return build_ipvs_proxier(settings)
+    return UserspaceProxier(
+        bind_address=settings.bind_address,
+        port_range=settings.proxy_port_range,
+        node_name=settings.hostname,
+        udp_timeout=settings.udp_timeout,
+        udp_max_sessions=settings.udp_max_sessions,
+        portals=portals,
+    )
+
+
 class App:
     """Wires sources -> change tracker -> runner -> proxier, and owns every task it starts."""
 
-    def __init__(self, settings: Settings, sources: list[Source], portals: Portals) -> None:
+    def __init__(
+        self, settings: Settings, sources: list[Source], portals: Portals, proxier: Proxier
+    ) -> None:
         self.settings = settings
         self.sources = sources
         self.portals = portals
-        self.proxier = UserspaceProxier(
-            bind_address=settings.bind_address,
-            port_range=settings.proxy_port_range,
-            node_name=settings.hostname,
-            udp_timeout=settings.udp_timeout,
-            udp_max_sessions=settings.udp_max_sessions,
-            portals=portals,
-        )
+        self.proxier = proxier
         self.runner = SyncRunner(
             self._sync,
             min_interval=settings.min_sync_period,
@@ -225,5 +236,6 @@ class App:
 
 async def serve(settings: Settings) -> None:
     """Run uproxy until SIGTERM/SIGINT."""
-    app = App(settings, build_sources(settings), build_portals(settings))
+    portals = build_portals(settings) if settings.mode == "userspace" else NoPortals()
+    app = App(settings, build_sources(settings), portals, build_proxier(settings, portals))
     await app.run()

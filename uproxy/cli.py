@@ -86,6 +86,29 @@ def cli() -> None:
 )
 @click.option("--context", "kube_context", default=None, help="The kubeconfig context to use.")
 @click.option("--master", default=None, help="The API server's address (overrides kubeconfig).")
+@click.option(
+    "--mode",
+    "--proxy-mode",
+    "mode",
+    type=click.Choice(["userspace", "ipvs"]),
+    default="userspace",
+    show_default=True,
+    help="userspace: listeners + portals; ipvs: the kernel's IP Virtual Server forwards.",
+)
+@click.option(
+    "--ipvs-scheduler",
+    type=click.Choice(["rr", "lc", "wlc", "sh", "dh", "sed", "nq", "mh"]),
+    default="rr",
+    show_default=True,
+)
+@click.option(
+    "--ipvs-graceful-period",
+    type=DURATION,
+    default="15s",
+    show_default=True,
+    help="Longest wait before a removed TCP real server with connections is deleted.",
+)
+@click.option("--ipvs-strict-arp", is_flag=True, help="Set arp_ignore/arp_announce for IPVS.")
 @click.option("--bind-address", default="0.0.0.0", show_default=True, help="Where listeners bind.")
 @click.option(
     "--proxy-port-range",
@@ -166,6 +189,10 @@ def run(
     kubeconfig: Path | None,
     kube_context: str | None,
     master: str | None,
+    mode: str,
+    ipvs_scheduler: str,
+    ipvs_graceful_period: float,
+    ipvs_strict_arp: bool,
     bind_address: str,
     proxy_port_range: str,
     hostname_override: str | None,
@@ -198,6 +225,10 @@ def run(
             and master is None
             and not config_paths
             and "KUBERNETES_SERVICE_HOST" in os.environ,
+            mode=mode,  # type: ignore[arg-type]
+            ipvs_scheduler=ipvs_scheduler,
+            ipvs_graceful_period=ipvs_graceful_period,
+            ipvs_strict_arp=ipvs_strict_arp,
             bind_address=bind_address,
             proxy_port_range=parse_port_range(proxy_port_range),
             hostname=hostname_override or os.environ.get("NODE_NAME") or socket.gethostname(),

@@ -122,6 +122,10 @@ class Settings:
     cleanup_on_exit: bool = False
     dns_refresh_period: float = 10.0
     # kube-proxy's ports; None disables the server.
+    # IPVS mode.
+    ipvs_scheduler: str = "rr"
+    ipvs_graceful_period: float = 15.0
+    ipvs_strict_arp: bool = False
     healthz_bind_address: tuple[str, int] | None = ("0.0.0.0", 10256)
     metrics_bind_address: tuple[str, int] | None = ("127.0.0.1", 10249)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from uproxy.dataplane.stats import PortStats
 from uproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
 from uproxy.observe.status import render_page, render_table, status_document
-from uproxy.proxier.userspace import PortView
+from uproxy.proxier.base import PortView
 
 READY = Endpoint("10.1.0.1", 8080, node_name="n1")
 GONE = Endpoint("10.1.0.2", 8080, ready=False, serving=True, terminating=True)

@@ -15,7 +15,7 @@ from uproxy.errors import SettingsError
 from uproxy.observe.health import Health
 from uproxy.observe.metrics import Metrics
 from uproxy.observe.status import render_page, status_document
-from uproxy.proxier.userspace import PortView
+from uproxy.proxier.base import PortView
 
 log = structlog.get_logger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from uproxy.model import Endpoint
-from uproxy.proxier.userspace import PortView
+from uproxy.proxier.base import PortView
 
 
 def _endpoint_state(endpoint: Endpoint) -> str:

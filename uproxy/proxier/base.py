@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
-from uproxy.model import ProxyState
+from uproxy.dataplane.stats import PortStats
+from uproxy.model import Endpoint, ProxyState, ServicePort
+
+
+@dataclass(frozen=True, slots=True)
+class PortView:
+    """What the proxier knows about one service port, for status and metrics."""
+
+    service: ServicePort
+    proxy_port: int
+    endpoints: tuple[Endpoint, ...]  # every known endpoint, with its conditions
+    in_use: frozenset[Endpoint]  # the ones new connections go to
+    per_endpoint: dict[Endpoint, int]  # open connections or UDP sessions by endpoint
+    connections: int
+    affinity_entries: int
+    stats: PortStats
 
 
 class Proxier(Protocol):
@@ -14,3 +30,6 @@ class Proxier(Protocol):
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, give open connections up to `grace` seconds, then close everything."""
+
+    def view(self) -> list[PortView]:
+        """What each service port looks like now, for /status and /metrics. Cheap; never raises."""

@@ -18,11 +18,11 @@ import structlog
 from uproxy.balancer import LoadBalancer
 from uproxy.convert import select_endpoints
 from uproxy.dataplane.sockopt import family_of
-from uproxy.dataplane.stats import PortStats
 from uproxy.dataplane.tcp import TcpListener, open_tcp_socket
 from uproxy.dataplane.udp import UdpListener, open_udp_socket
 from uproxy.errors import UproxyError
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.proxier.base import PortView
 from uproxy.proxier.portals import Portal, Portals
 
 log = structlog.get_logger(__name__)
@@ -39,20 +39,6 @@ class _ServicePortState:
     service: ServicePort
     listener: Listener
     endpoints: tuple[Endpoint, ...] = ()  # every known endpoint, usable or not
-
-
-@dataclass(frozen=True, slots=True)
-class PortView:
-    """What the proxier knows about one service port, for status and metrics."""
-
-    service: ServicePort
-    proxy_port: int
-    endpoints: tuple[Endpoint, ...]  # every known endpoint, with its conditions
-    in_use: frozenset[Endpoint]  # the ones new connections go to
-    per_endpoint: dict[Endpoint, int]  # open connections or UDP sessions by endpoint
-    connections: int
-    affinity_entries: int
-    stats: PortStats
 
 
 class PortAllocator:
