@@ -680,3 +680,41 @@ def test_uproxy_run_reconciles_restarts_stale_services_and_hand_edits(
         time.sleep(0.1)
     assert ask(topo.client, "tcp", WEB_VIP, 80) in {"be1", "be2"}
     assert second.stop(signal.SIGTERM) == 0
+
+
+def test_external_traffic_policy_local_keeps_external_traffic_on_this_node(
+    e2e: tuple[Topology, Path], backend: str
+) -> None:
+    from tests.manifests import service, write
+
+    topo, config = e2e
+    slice_ = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "local-1", "labels": {"kubernetes.io/service-name": "local"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.20.1.2"], "nodeName": "node-a"},
+            {"addresses": ["10.20.2.2"], "nodeName": "node-b"},
+        ],
+    }
+    local = service(
+        "local",
+        [{"name": "http", "port": 80, "nodePort": 30081}],
+        cluster_ip="10.96.0.30",
+        type="NodePort",
+        externalTrafficPolicy="Local",
+    )
+    write(config / "local.yaml", local, slice_)
+    uproxy = start_uproxy(topo, config, backend, "--hostname-override", "node-a")
+    uproxy.wait_event("external_listener_started", service="default/local:http", timeout=20)
+    uproxy.wait_event("portals_synced", timeout=20)
+    # This node is node-a: external traffic (the NodePort) only reaches node-a's endpoint ...
+    assert Counter(ask(topo.client, "tcp", NODE_IP, 30081) for _ in range(6)) == {"be1": 6}
+    # ... while cluster traffic (the ClusterIP) still reaches every endpoint.
+    assert set(Counter(ask(topo.client, "tcp", "10.96.0.30", 80) for _ in range(6))) == {
+        "be1",
+        "be2",
+    }
+    assert uproxy.stop(signal.SIGTERM) == 0

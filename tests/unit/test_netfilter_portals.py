@@ -196,6 +196,31 @@ def test_node_ports_and_nodeport_addresses() -> None:
     assert [j.destination for j in everywhere if j.target == NODEPORTS] == [None, None]
 
 
+def test_external_traffic_goes_to_the_external_listener_when_it_has_one() -> None:
+    svc = ServicePort(
+        WEB,
+        Protocol.TCP,
+        80,
+        cluster_ips=("10.96.0.10",),
+        load_balancer_ips=("1.2.3.4",),
+        external_ips=("203.0.113.7",),
+        node_port=30080,
+        external_traffic_local=True,
+    )
+    rules = compute_rules({WEB: Portal(svc, 40001, external_proxy_port=40002)})
+    nat = rules.chains[NAT]
+    by_address = {s.split()[1]: s.rsplit(" ", 1)[1] for s in service_rules(nat, PORTALS)}
+    assert by_address == {
+        "10.96.0.10/32": "40001",
+        "1.2.3.4/32": "40002",
+        "203.0.113.7/32": "40002",
+    }
+    assert nat[PORTALS_CONTAINER][0].endswith("--to-ports 40002")
+    assert nat[NODEPORTS][0].endswith("--to-ports 40002")
+    guarded = service_rules(rules.chains[FILTER], PROXY_PORTS)
+    assert sorted(s.split("--dport ")[1].split()[0] for s in guarded) == ["40001", "40002"]
+
+
 def test_comments_keep_only_safe_characters() -> None:
     odd = ServicePortName("ns", 'we"b x', "p'1")
     assert np.rule_comment(odd) == "ns/webx:p1"

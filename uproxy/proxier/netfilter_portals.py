@@ -157,24 +157,30 @@ def portal_rules(name: ServicePortName, portal: Portal, ctx: RuleContext) -> tup
     def match(port: int) -> str:
         return f"-p {proto} -m comment --comment {comment} -m {proto} --dport {port}"
 
-    if ctx.dnat_to is None:
-        target = f"-j REDIRECT --to-ports {portal.proxy_port}"
-    else:
-        target = f"-j DNAT --to-destination {ctx.dnat_to}:{portal.proxy_port}"
+    def to(port: int) -> str:
+        if ctx.dnat_to is None:
+            return f"-j REDIRECT --to-ports {port}"
+        return f"-j DNAT --to-destination {ctx.dnat_to}:{port}"
+
+    internal, external = to(portal.proxy_port), to(portal.external_port)
     physdev = " -m physdev ! --physdev-is-in" if ctx.physdev else ""
     rules: list[RuleKey] = []
-    for ip in _ipv4((*svc.cluster_ips, *svc.load_balancer_ips)):
-        rules.append((NAT, portal_shard(ip), f"-d {ip}/32 {match(svc.port)} {target}"))
+    for ip in _ipv4(svc.cluster_ips):
+        rules.append((NAT, portal_shard(ip), f"-d {ip}/32 {match(svc.port)} {internal}"))
+    for ip in _ipv4(svc.load_balancer_ips):
+        rules.append((NAT, portal_shard(ip), f"-d {ip}/32 {match(svc.port)} {external}"))
     for ip in _ipv4(svc.external_ips):
         # kube-proxy's externalIP semantics: any client when the address is one of the node's,
         # else only traffic that was not bridged (it came from outside, routed to this node).
-        local = f"-d {ip}/32 {match(svc.port)} -m addrtype --dst-type LOCAL {target}"
+        local = f"-d {ip}/32 {match(svc.port)} -m addrtype --dst-type LOCAL {external}"
         rules.append((NAT, portal_shard(ip), local))
-        rules.append((NAT, PORTALS_CONTAINER, f"-d {ip}/32 {match(svc.port)}{physdev} {target}"))
+        outside = f"-d {ip}/32 {match(svc.port)}{physdev} {external}"
+        rules.append((NAT, PORTALS_CONTAINER, outside))
     if svc.node_port:
-        rules.append((NAT, NODEPORTS, f"{match(svc.node_port)} {target}"))
-    guard = f"{match(portal.proxy_port)} -j {PROXY_GUARD}"
-    rules.append((FILTER, proxy_port_shard(proto, portal.proxy_port), guard))
+        rules.append((NAT, NODEPORTS, f"{match(svc.node_port)} {external}"))
+    for port in dict.fromkeys((portal.proxy_port, portal.external_port)):
+        guard = f"{match(port)} -j {PROXY_GUARD}"
+        rules.append((FILTER, proxy_port_shard(proto, port), guard))
     return tuple(rules)
 
 
@@ -325,10 +331,12 @@ def udp_destinations(portals: Mapping[ServicePortName, Portal]) -> dict[UdpFlowM
         svc = portal.service
         if svc.protocol != Protocol.UDP:
             continue
-        for ip in _ipv4((*svc.cluster_ips, *svc.load_balancer_ips, *svc.external_ips)):
+        for ip in _ipv4(svc.cluster_ips):
             out[UdpFlowMatch.destination(ip, svc.port)] = portal.proxy_port
+        for ip in _ipv4((*svc.load_balancer_ips, *svc.external_ips)):
+            out[UdpFlowMatch.destination(ip, svc.port)] = portal.external_port
         if svc.node_port:
-            out[UdpFlowMatch.destination(None, svc.node_port)] = portal.proxy_port
+            out[UdpFlowMatch.destination(None, svc.node_port)] = portal.external_port
     return out
 
 

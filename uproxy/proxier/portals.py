@@ -15,10 +15,21 @@ from uproxy.model import ServicePort, ServicePortName
 
 @dataclass(frozen=True, slots=True)
 class Portal:
-    """Traffic for every virtual address of `service` goes to the listener on `proxy_port`."""
+    """Traffic for every virtual address of `service` goes to the listener on `proxy_port`.
+
+    With externalTrafficPolicy: Local, external traffic (externalIPs, LoadBalancer IPs,
+    NodePorts) must reach only this node's endpoints while cluster traffic reaches all: it then
+    gets a listener of its own, `external_proxy_port`.
+    """
 
     service: ServicePort
     proxy_port: int
+    external_proxy_port: int | None = None
+
+    @property
+    def external_port(self) -> int:
+        """Where external traffic goes."""
+        return self.proxy_port if self.external_proxy_port is None else self.external_proxy_port
 
 
 class Portals(Protocol):

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import structlog
 
 from uproxy.balancer import LoadBalancer
 from uproxy.convert import select_endpoints
 from uproxy.dataplane.sockopt import family_of
+from uproxy.dataplane.stats import PortStats
 from uproxy.dataplane.tcp import TcpListener, open_tcp_socket
 from uproxy.dataplane.udp import UdpListener, open_udp_socket
 from uproxy.errors import UproxyError
@@ -38,7 +39,31 @@ class ListenerStartError(UproxyError):
 class _ServicePortState:
     service: ServicePort
     listener: Listener
+    # A second listener for external traffic when externalTrafficPolicy is Local.
+    external: Listener | None = None
     endpoints: tuple[Endpoint, ...] = ()  # every known endpoint, usable or not
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        return (self.listener,) if self.external is None else (self.listener, self.external)
+
+    def portal(self) -> Portal:
+        external = None if self.external is None else self.external.port
+        return Portal(self.service, self.listener.port, external)
+
+
+def _needs_external_listener(service: ServicePort) -> bool:
+    has_external = bool(service.external_ips or service.load_balancer_ips or service.node_port)
+    return service.external_traffic_local and has_external
+
+
+def _sum_stats(listeners: tuple[Listener, ...]) -> PortStats:
+    if len(listeners) == 1:
+        return listeners[0].stats
+    total = PortStats()
+    for field in fields(PortStats):
+        setattr(total, field.name, sum(getattr(lst.stats, field.name) for lst in listeners))
+    return total
 
 
 class PortAllocator:
@@ -100,23 +125,24 @@ class UserspaceProxier:
             if current is not None and current.service.protocol != service.protocol:
                 self._retire(name, "protocol changed")
                 current = None
-            if current is None:
-                try:
-                    current = self._start(service)
-                except OSError as exc:
-                    log.error("listener_failed", service=str(name), error=str(exc))
-                    failed.append(f"{name}: {exc}")
+            try:
+                if current is None:
+                    current = self._active[name] = _ServicePortState(service, self._start(service))
+                current.service = service
+                self._converge_external(current)
+            except OSError as exc:
+                log.error("listener_failed", service=str(name), error=str(exc))
+                failed.append(f"{name}: {exc}")
+                if current is None:
                     continue
-            current.service = service
             self._update_endpoints(current, state.endpoints.get(name, ()))
-        await self._portals.sync(
-            {name: Portal(s.service, s.listener.port) for name, s in self._active.items()}
-        )
+        await self._portals.sync({name: s.portal() for name, s in self._active.items()})
         if failed:
             raise ListenerStartError("no listener for " + "; ".join(failed))
 
     async def shutdown(self, grace: float) -> None:
-        listeners = [s.listener for s in self._active.values()] + list(self._retired)
+        listeners = [lst for s in self._active.values() for lst in s.listeners]
+        listeners += self._retired
         for listener in listeners:
             listener.stop_accepting()
         open_now = sum(listener.connections for listener in listeners)
@@ -140,23 +166,28 @@ class UserspaceProxier:
     # --- views ---------------------------------------------------------------------------------
 
     def view(self) -> list[PortView]:
-        return [
-            PortView(
-                service=s.service,
-                proxy_port=s.listener.port,
-                endpoints=s.endpoints,
-                in_use=frozenset(s.listener.balancer.endpoints),
-                per_endpoint=dict(s.listener.per_endpoint),
-                connections=s.listener.connections,
-                affinity_entries=s.listener.balancer.affinity_entries,
-                stats=s.listener.stats,
-            )
-            for s in self._active.values()
-        ]
+        return [self._view(s) for s in self._active.values()]
+
+    def _view(self, state: _ServicePortState) -> PortView:
+        listeners = state.listeners
+        per_endpoint: dict[Endpoint, int] = {}
+        for listener in listeners:
+            for endpoint, count in listener.per_endpoint.items():
+                per_endpoint[endpoint] = per_endpoint.get(endpoint, 0) + count
+        return PortView(
+            service=state.service,
+            proxy_port=state.listener.port,
+            endpoints=state.endpoints,
+            in_use=frozenset(e for lst in listeners for e in lst.balancer.endpoints),
+            per_endpoint=per_endpoint,
+            connections=sum(lst.connections for lst in listeners),
+            affinity_entries=sum(lst.balancer.affinity_entries for lst in listeners),
+            stats=_sum_stats(listeners),
+        )
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _start(self, service: ServicePort) -> _ServicePortState:
+    def _start(self, service: ServicePort, traffic: str = "cluster") -> Listener:
         loop = asyncio.get_running_loop()
         last_error: OSError | None = None
         for port in self._ports.candidates():
@@ -167,15 +198,13 @@ class UserspaceProxier:
                 continue
             self._ports.claim(listener.port)
             log.info(
-                "listener_started",
+                "listener_started" if traffic == "cluster" else "external_listener_started",
                 service=str(service.name),
                 protocol=service.protocol.value,
                 address=self._bind_address,
                 port=listener.port,
             )
-            state = _ServicePortState(service, listener)
-            self._active[service.name] = state
-            return state
+            return listener
         raise last_error or OSError("no free port in --proxy-port-range")
 
     def _open(self, service: ServicePort, port: int, loop: asyncio.AbstractEventLoop) -> Listener:
@@ -193,27 +222,47 @@ class UserspaceProxier:
             max_sessions=self._udp_max_sessions,
         )
 
+    def _converge_external(self, state: _ServicePortState) -> None:
+        if _needs_external_listener(state.service):
+            if state.external is None:
+                state.external = self._start(state.service, traffic="external")
+        elif state.external is not None:
+            self._stop(state.service.name, state.external, "external traffic policy changed")
+            state.external = None
+
     def _update_endpoints(self, state: _ServicePortState, endpoints: tuple[Endpoint, ...]) -> None:
         state.endpoints = endpoints
         usable = select_endpoints(endpoints)
-        if state.service.internal_traffic_local:
-            usable = tuple(e for e in usable if e.node_name == self._node_name)
-        balancer = state.listener.balancer
+        local = tuple(e for e in usable if e.node_name == self._node_name)
+        service = state.service
+        cluster = local if service.internal_traffic_local else usable
+        self._balance(service, state.listener, cluster, "cluster")
+        if state.external is not None:
+            self._balance(service, state.external, local, "external")
+
+    def _balance(
+        self, service: ServicePort, listener: Listener, usable: tuple[Endpoint, ...], traffic: str
+    ) -> None:
+        balancer = listener.balancer
         before = balancer.endpoints
-        balancer.update(usable, state.service.affinity_timeout)
+        balancer.update(usable, service.affinity_timeout)
         balancer.sweep()
         if balancer.endpoints != before:
-            if isinstance(state.listener, UdpListener):
-                state.listener.endpoints_changed()
+            if isinstance(listener, UdpListener):
+                listener.endpoints_changed()
             log.info(
                 "endpoints_updated",
-                service=str(state.service.name),
+                service=str(service.name),
+                traffic=traffic,
                 endpoints=[str(e) for e in sorted(usable)],
             )
 
     def _retire(self, name: ServicePortName, reason: str) -> None:
         state = self._active.pop(name)
-        listener = state.listener
+        for listener in state.listeners:
+            self._stop(name, listener, reason)
+
+    def _stop(self, name: ServicePortName, listener: Listener, reason: str) -> None:
         listener.stop_accepting()
         self._ports.release(listener.port)
         log.info("listener_stopped", service=str(name), port=listener.port, reason=reason)
