@@ -17,6 +17,28 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+def loopback_run_args(config: Path, *extra: str) -> list[str]:
+    """`uproxy run` as the loopback tests use it: listeners only, on 127.0.0.1, JSON logs, no
+    sync delay, and health/metrics on free ports (several proxies run side by side in tests)."""
+    return [
+        "run",
+        "--config",
+        str(config),
+        "--no-portals",
+        "--bind-address",
+        "127.0.0.1",
+        "--log-format",
+        "json",
+        "--min-sync-period",
+        "0",
+        "--healthz-bind-address",
+        "127.0.0.1:0",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
 class UproxyProcess:
     """`python -m uproxy ARGS`, optionally behind a prefix such as `ip netns exec NS`."""
 

@@ -22,29 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import backends as be
 from tests.manifests import backend_slices, service, write
-from tests.uproxy_process import REPO, UproxyProcess
+from tests.uproxy_process import REPO, UproxyProcess, loopback_run_args
 
 
 def start(config: Path, *extra: str) -> UproxyProcess:
-    return UproxyProcess(
-        [
-            "run",
-            "--config",
-            str(config),
-            "--no-portals",
-            "--bind-address",
-            "127.0.0.1",
-            "--log-format",
-            "json",
-            "--min-sync-period",
-            "0",
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            *extra,
-        ]
-    )
+    return UproxyProcess(loopback_run_args(config, *extra))
 
 
 @pytest.fixture

@@ -22,39 +22,14 @@ import pytest
 
 from tests import backends as be
 from tests.manifests import backend_slices, service, write
-from tests.uproxy_process import UproxyProcess
-
-# Several proxies run side by side in tests: never on kube-proxy's fixed ports.
-OBSERVE_ON_FREE_PORTS = (
-    "--healthz-bind-address",
-    "127.0.0.1:0",
-    "--metrics-bind-address",
-    "127.0.0.1:0",
-)
+from tests.uproxy_process import UproxyProcess, loopback_run_args
 
 pytestmark = pytest.mark.parametrize("event_loop_name", ["uvloop", "asyncio"])
 
 
 def start(config: Path, event_loop_name: str, *extra: str, **kw: object) -> UproxyProcess:
-    return UproxyProcess(
-        [
-            "run",
-            "--config",
-            str(config),
-            "--no-portals",
-            "--bind-address",
-            "127.0.0.1",
-            "--log-format",
-            "json",
-            "--min-sync-period",
-            "0",
-            "--event-loop",
-            event_loop_name,
-            *OBSERVE_ON_FREE_PORTS,
-            *extra,
-        ],
-        **kw,  # type: ignore[arg-type]
-    )
+    args = loopback_run_args(config, "--event-loop", event_loop_name, *extra)
+    return UproxyProcess(args, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.manifests import backend_slices, service, write
-from tests.uproxy_process import UproxyProcess
+from tests.uproxy_process import UproxyProcess, loopback_run_args
 
 pytestmark = [pytest.mark.soak, pytest.mark.parametrize("event_loop_name", ["uvloop", "asyncio"])]
 
@@ -101,18 +101,7 @@ async def soak(config: Path, event_loop_name: str) -> None:
     )
     gc_wrapper = "import gc, sys; gc.set_threshold(10); from uproxy.cli import main; main()"
     proc = UproxyProcess(
-        [
-            "run",
-            "--config",
-            str(config),
-            "--no-portals",
-            "--bind-address",
-            "127.0.0.1",
-            "--log-format",
-            "json",
-            "--event-loop",
-            event_loop_name,
-        ],
+        loopback_run_args(config, "--event-loop", event_loop_name),
         python_args=["-c", gc_wrapper],
     )
     try:
