@@ -92,6 +92,11 @@ def named_http(name: str) -> Handler:
     return handle
 
 
+def greet_and_close(conn: socket.socket) -> None:
+    """Speak first and hang up at once (SMTP banners, MySQL greetings): data before any request."""
+    conn.sendall(b"hello from the backend\n")
+
+
 def reply_after_eof(size: int) -> Handler:
     """Read until the client half-closes, then send `size` bytes and close."""
 

@@ -122,6 +122,25 @@ def test_half_close_client_still_reads_whole_reply(
         assert len(data) - 8 == reply
 
 
+def test_server_that_speaks_first_and_closes_loses_nothing(
+    config: Path, event_loop_name: str, proc_cleanup: list[UproxyProcess]
+) -> None:
+    # The backend's greeting can arrive before the client leg is attached: it must be held.
+    with be.tcp_backend(be.greet_and_close) as backend:
+        tcp_service(config, "greet", [("127.0.0.1", backend.port)])
+        proc = start(config, event_loop_name)
+        proc_cleanup.append(proc)
+        port = proc.port_of("default/greet:p")
+        replies = Counter()
+        for _ in range(300):
+            with connect(port) as sock:
+                data = b""
+                while chunk := sock.recv(1024):
+                    data += chunk
+                replies[data] += 1
+        assert replies == {b"hello from the backend\n": 300}
+
+
 def test_backend_reset_reaches_client(
     config: Path, event_loop_name: str, proc_cleanup: list[UproxyProcess]
 ) -> None:
