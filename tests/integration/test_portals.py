@@ -718,3 +718,12 @@ def test_external_traffic_policy_local_keeps_external_traffic_on_this_node(
         "be2",
     }
     assert uproxy.stop(signal.SIGTERM) == 0
+
+
+def test_cleanup_on_exit_leaves_no_rules(e2e: tuple[Topology, Path], backend: str) -> None:
+    topo, config = e2e
+    uproxy = start_uproxy(topo, config, backend, "--cleanup-on-exit")
+    assert ask(topo.client, "tcp", WEB_VIP, 80) in {"be1", "be2"}
+    assert uproxy_lines(topo.node) != []
+    assert uproxy.stop(signal.SIGTERM) == 0
+    assert uproxy_lines(topo.node) == []
