@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh Debian 12 machine, as root:
 #   bash tests/run.sh
 # Installs the Debian packages the tests drive (iptables, iproute2, conntrack, curl, socat, dig,
-# dnsmasq), creates .venv with uproxy and its test tools, checks lint and types, then runs pytest.
+# dnsmasq, chromium, podman), creates .venv with uproxy and its test tools, checks lint and types, then runs pytest.
 # Extra arguments go to pytest (for example: bash tests/run.sh -k udp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ packages=(
   iptables iproute2 conntrack nftables kmod
   curl socat dnsutils dnsmasq-base iperf3 procps
   chromium
+  podman runc netavark aardvark-dns debootstrap
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

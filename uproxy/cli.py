@@ -341,5 +341,35 @@ def status(address: str, as_json: bool) -> None:
     click.echo(json.dumps(document, indent=2) if as_json else render_table(document))
 
 
+@cli.command()
+@click.option(
+    "--requests",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="Requests per TCP service.",
+)
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--keep-running", is_flag=True, help="Keep everything up until Ctrl-C.")
+@click.option("--verbose", "-v", is_flag=True, help="Show uproxy's log.")
+def demo(requests: int, iptables_backend: str, keep_running: bool, verbose: bool) -> None:
+    """Run a client, uproxy and backends in network namespaces; show what the client sees (root)."""
+    from uproxy.demo import run_demo
+
+    sys.exit(
+        run_demo(
+            requests=requests,
+            iptables_backend=iptables_backend,
+            keep_running=keep_running,
+            verbose=verbose,
+        )
+    )
+
+
 def main() -> None:
     cli(prog_name="uproxy")

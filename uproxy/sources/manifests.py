@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -347,9 +348,37 @@ def _valid_ips(ips: Iterable[str]) -> tuple[str, ...]:
 
 
 async def resolve_host(host: str) -> list[str]:
-    """Every IPv4 and IPv6 address of `host`, via the loop's threaded getaddrinfo."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    return list(_valid_ips(str(info[4][0]) for info in infos))
+    """Every IPv4 and IPv6 address of `host`.
+
+    getaddrinfo blocks and cannot be interrupted. The loop's executor would make shutdown wait
+    for a lookup whose DNS server never answers, so each lookup runs in a daemon thread whose
+    result is simply dropped if nobody waits for it any more.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[list[str]] = loop.create_future()
+
+    def deliver(result: list[str] | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def lookup() -> None:
+        result: list[str] | BaseException
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            result = list(_valid_ips(str(info[4][0]) for info in infos))
+        except BaseException as exc:
+            result = exc
+        try:
+            loop.call_soon_threadsafe(deliver, result)
+        except RuntimeError:
+            pass  # the loop is closed: uproxy is exiting and nobody needs the answer
+
+    threading.Thread(target=lookup, name=f"resolve-{host}", daemon=True).start()
+    return await future
 
 
 def _resolved_family(endpoints: Iterable[SliceEndpoint]) -> AddressType:
