@@ -528,7 +528,7 @@ def fake_tools(monkeypatch: pytest.MonkeyPatch, outputs: dict[str, str]) -> None
     def quiet(argv: list[str]) -> str:
         return outputs.get(" ".join(argv), "")
 
-    monkeypatch.setattr(netfilter, "_quiet", quiet)
+    monkeypatch.setattr(netfilter, "run_tool_quietly", quiet)
 
 
 def test_detect_prefers_kubelet_hints(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -551,7 +551,8 @@ class LegacyNetfilter:
 _KUBELET_HINT = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)\b", re.MULTILINE)
 
 
-def _quiet(argv: Sequence[str]) -> str:
+def run_tool_quietly(argv: Sequence[str]) -> str:
+    """A tool's output, or "" when it fails (for looking, never for changing)."""
     try:
         return run_tool(argv)
     except KernelError:
@@ -564,7 +565,7 @@ def _rule_count(text: str) -> int:
 
 def _iptables_mode() -> BackendName | None:
     """Which backend the host's plain `iptables` command is."""
-    version = _quiet(["iptables", "--version"])
+    version = run_tool_quietly(["iptables", "--version"])
     if "nf_tables" in version:
         return "nft"
     if "legacy" in version:
@@ -583,15 +584,19 @@ def detect_backend(choice: BackendChoice = "auto") -> BackendName:
     """
     if choice != "auto":
         return choice
-    nft_mangle = _quiet(["iptables-nft-save", "-t", "mangle"]) + _quiet(
+    nft_mangle = run_tool_quietly(["iptables-nft-save", "-t", "mangle"]) + run_tool_quietly(
         ["ip6tables-nft-save", "-t", "mangle"]
     )
     if _KUBELET_HINT.search(nft_mangle):
         return "nft"
-    legacy = _quiet(["iptables-legacy-save"]) + _quiet(["ip6tables-legacy-save"])
+    legacy = run_tool_quietly(["iptables-legacy-save"]) + run_tool_quietly(
+        ["ip6tables-legacy-save"]
+    )
     if _KUBELET_HINT.search(legacy):
         return "legacy"
-    nft_rules = _rule_count(_quiet(["iptables-nft-save"]) + _quiet(["ip6tables-nft-save"]))
+    nft_rules = _rule_count(
+        run_tool_quietly(["iptables-nft-save"]) + run_tool_quietly(["ip6tables-nft-save"])
+    )
     legacy_rules = _rule_count(legacy)
     if legacy_rules != nft_rules:
         return "legacy" if legacy_rules > nft_rules else "nft"

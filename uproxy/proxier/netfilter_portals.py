@@ -67,6 +67,7 @@ from uproxy.kernel.netfilter import (
     find_tool,
     normalize_cidr,
     physdev_supported,
+    run_tool_quietly,
     save_quote,
 )
 from uproxy.model import Protocol, ServicePortName
@@ -572,6 +573,10 @@ def _real_others(backend: BackendName) -> list[Netfilter]:
     name = _other_name(backend)
     prefix = f"iptables-{name}"
     if find_tool(f"{prefix}-save") is None or find_tool(f"{prefix}-restore") is None:
+        return []
+    # Look before opening: the legacy backend loads python-iptables (about 20 MB resident for
+    # the life of the process), which an nft host with nothing of uproxy's in legacy never needs.
+    if "UPROXY-" not in run_tool_quietly([f"{prefix}-save"]):
         return []
     return [NftNetfilter() if name == "nft" else LegacyNetfilter()]
 
