@@ -13,6 +13,7 @@ packages=(
   curl socat dnsutils dnsmasq-base iperf3 procps
   chromium
   podman runc netavark aardvark-dns debootstrap
+  qemu-system-x86 ipvsadm
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

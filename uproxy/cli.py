@@ -300,14 +300,23 @@ def check(config_paths: tuple[Path, ...]) -> None:
 )
 @log_options
 def cleanup(iptables_backend: str, log_level: str, log_format: str) -> None:
-    """Remove every chain and rule uproxy owns, then exit."""
+    """Remove every chain, rule, IPVS virtual server, address and interface uproxy owns."""
     configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    from uproxy.proxier.ipvs import cleanup_ipvs
     from uproxy.proxier.netfilter_portals import cleanup_everything
 
-    try:
-        asyncio.run(cleanup_everything(iptables_backend))  # type: ignore[arg-type]
-    except UproxyError as exc:
-        log.error("cleanup_failed", error=str(exc))
+    async def clean() -> list[str]:
+        errors = []
+        for step in (cleanup_ipvs(), cleanup_everything(iptables_backend)):  # type: ignore[arg-type]
+            try:
+                await step
+            except UproxyError as exc:
+                errors.append(str(exc))
+        return errors
+
+    errors = asyncio.run(clean())
+    if errors:
+        log.error("cleanup_failed", error="; ".join(errors))
         sys.exit(1)
 
 

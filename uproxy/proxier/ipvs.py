@@ -1,22 +1,998 @@
-"""IPVS mode (in progress): the capability check comes first so that the mode fails clearly."""
+"""IPVS mode: the service model handed to the kernel's IP Virtual Server; no bytes pass through
+Python.
+
+What a sync makes the kernel hold (kube-proxy's IPVS mode where that mode is right):
+
+* A dummy interface `uproxy-ipvs0` with every ClusterIP, externalIP and LoadBalancer IP as /32
+  (/128), so the kernel takes packets to them as local and IPVS (hooked at LOCAL_IN/LOCAL_OUT)
+  sees them.
+* One virtual server per (address, port, protocol), and for a NodePort one per node address
+  (the node's unicast addresses, minus loopback, link-local and uproxy-ipvs0's own, narrowed by
+  --nodeport-addresses). Scheduler from --ipvs-scheduler; ClientIP affinity is persistence with
+  the service's timeout. Real servers have weight 1 and are masqueraded (IPVS NAT).
+* nat chain UPROXY-IPVS-POSTROUTING (jumped to from POSTROUTING) with MASQUERADE for what IPVS
+  NAT alone gets wrong: node-local clients (their source is the virtual address itself, which
+  a backend elsewhere would answer to its own node), hairpin connections (a backend scheduled to
+  itself would answer itself directly) and traffic to NodePorts, externalIPs and LoadBalancer IPs
+  (whose replies must come back through this node), except external traffic to services with
+  externalTrafficPolicy Local, which keeps the client's address.
+* The sysctls IPVS forwarding needs: net.ipv4.vs.conntrack=1 (netfilter NAT, the MASQUERADE
+  rules, must see IPVS connections), expire_nodest_conn=1 and expire_quiescent_template=1 (a
+  deleted or weight-0 real server gets no more packets or persistent clients), ip_forward=1;
+  with --ipvs-strict-arp also arp_ignore=1/arp_announce=2, so the node does not answer ARP for
+  the addresses on uproxy-ipvs0.
+
+Ownership, which survives a restart: a virtual server is uproxy's when its address is on
+uproxy-ipvs0, or when it is listed in the state file /run/uproxy/ipvs-virtual-servers, which
+records every virtual server uproxy creates before it creates it (NodePort virtual servers sit on
+node addresses, so the interface alone cannot tell). /run is a tmpfs, so the record lives exactly
+as long as the kernel's IPVS table, which a reboot empties too. Everything else in IPVS is never
+read twice or touched; kube-proxy's cleanup flushing all of IPVS is a known complaint.
+
+Syncs are level-triggered: each reads the kernel's virtual servers and uproxy-ipvs0's addresses,
+and the real servers of every virtual server whose desired state changed since the last sync
+(of all of them on a full sync: the first, after a failure, and every --sync-period), diffs
+against the desired state and changes only the difference.
+
+Graceful termination: a removed TCP real server goes to weight 0 (no new connections, existing
+ones continue) and is deleted once the kernel tracks no active or inactive connection for it, or
+after --ipvs-graceful-period at the latest (kube-proxy waits without a bound, a known complaint).
+A removed TCP service drains the same way before its virtual server goes, keeping its address
+meanwhile. UDP real servers and services are deleted at once and their conntrack entries
+flushed, since UDP has no end a client would notice.
+
+Every netlink call runs on one dedicated worker thread (`Worker`); the event loop only computes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
+import errno
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol as TypingProtocol
 
+import structlog
+
+from uproxy.convert import select_endpoints
+from uproxy.dataplane.stats import PortStats
 from uproxy.errors import KernelError
-from uproxy.proxier.base import Proxier
+from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch, delete_udp_flows
+from uproxy.kernel.ipvs import (
+    DUMMY_INTERFACE,
+    PROC_IPVS,
+    SCHEDULERS,
+    DestInfo,
+    Ipvs,
+    IpvsError,
+    IpvsHost,
+    NetlinkIpvs,
+    RealServer,
+    ServiceConfig,
+    ServiceInfo,
+    VirtualServer,
+    Worker,
+    ip_family,
+)
+from uproxy.kernel.netfilter import Jump, Netfilter, TableUpdate, jump_target, save_quote
+from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.proxier.base import PortView
 from uproxy.settings import Settings
 
+log = structlog.get_logger(__name__)
 
-def ipvs_available(proc: Path = Path("/proc/net/ip_vs")) -> bool:
+STATE_FILE = Path("/run/uproxy/ipvs-virtual-servers")
+CHAIN_PREFIX = "UPROXY-IPVS-"
+POSTROUTING_CHAIN = "UPROXY-IPVS-POSTROUTING"
+NAT = "nat"
+FILTER = "filter"
+POSTROUTING_JUMP = Jump("POSTROUTING", POSTROUTING_CHAIN, "uproxy IPVS masquerade")
+WEIGHT = 1
+
+REQUIRED_SYSCTLS = (
+    ("net.ipv4.vs.conntrack", "1"),
+    ("net.ipv4.vs.expire_nodest_conn", "1"),
+    ("net.ipv4.vs.expire_quiescent_template", "1"),
+    ("net.ipv4.ip_forward", "1"),
+)
+STRICT_ARP_SYSCTLS = (
+    ("net.ipv4.conf.all.arp_ignore", "1"),
+    ("net.ipv4.conf.all.arp_announce", "2"),
+)
+
+# Rule specs exactly as iptables-save prints them (measured with iptables-nft 1.8.9), so "is this
+# rule there?" is a string comparison. --vdir ORIGINAL --vmethod MASQ: packets IPVS masqueraded,
+# in the client-to-server direction, after IPVS changed their destination to the real server.
+_VDIR = "--vdir ORIGINAL --vmethod MASQ"
+_IPVS_MASQ = f"-m ipvs {_VDIR}"
+LOCAL_CLIENT_RULE = (
+    f"{_IPVS_MASQ} -m addrtype --src-type LOCAL "
+    f"-m comment --comment {save_quote('uproxy IPVS: node-local client')} -j MASQUERADE"
+)
+
+
+class Kind(enum.StrEnum):
+    CLUSTER = "cluster"  # a ClusterIP
+    EXTERNAL = "external"  # an externalIP or a LoadBalancer IP
+    NODEPORT = "nodeport"  # a node address with the NodePort
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredServer:
+    vs: VirtualServer
+    config: ServiceConfig
+    dests: frozenset[RealServer]
+    owner: ServicePortName
+    kind: Kind
+    local_only: bool = False  # externalTrafficPolicy Local on external traffic: no masquerade
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    servers: Mapping[VirtualServer, DesiredServer]
+    addresses: frozenset[str]  # for uproxy-ipvs0
+    conflicts: tuple[str, ...] = ()
+
+
+# -- the pure part: the service model -> virtual servers and rules -------------------------------
+
+
+def _normal_ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def nodeport_ips(node_ips: Iterable[str], cidrs: Sequence[str]) -> list[str]:
+    """The node addresses NodePorts get virtual servers on: all of them, or those inside one of
+    the --nodeport-addresses CIDRs."""
+    networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    out: list[str] = []
+    for text in node_ips:
+        ip = ipaddress.ip_address(text)
+        if networks and not any(ip.version == n.version and ip in n for n in networks):
+            continue
+        if str(ip) not in out:
+            out.append(str(ip))
+    return sorted(out, key=lambda a: (ip_family(a), ipaddress.ip_address(a).packed))
+
+
+def _dests(endpoints: Iterable[Endpoint], family: int) -> frozenset[RealServer]:
+    out = set()
+    for endpoint in endpoints:
+        ip = _normal_ip(endpoint.ip)
+        # IPVS masquerading cannot cross address families.
+        if ip is not None and ip_family(ip) == family:
+            out.add(RealServer(ip, endpoint.port))
+    return frozenset(out)
+
+
+def compute_desired(
+    state: ProxyState, *, scheduler: str, node_name: str, node_ips: Sequence[str]
+) -> Desired:
+    """Every virtual server (with its real servers) and every address `state` calls for."""
+    servers: dict[VirtualServer, DesiredServer] = {}
+    addresses: set[str] = set()
+    conflicts: list[str] = []
+
+    def add(vs: VirtualServer, svc: ServicePort, kind: Kind, endpoints: Iterable[Endpoint]) -> None:
+        taken = servers.get(vs)
+        if taken is not None:
+            # Services are visited in name order, so the same one wins every sync.
+            conflicts.append(f"{vs} of {svc.name} is already {taken.owner}'s")
+            return
+        servers[vs] = DesiredServer(
+            vs=vs,
+            config=ServiceConfig(scheduler, svc.affinity_timeout),
+            dests=_dests(endpoints, ip_family(vs.ip)),
+            owner=svc.name,
+            kind=kind,
+            local_only=kind is not Kind.CLUSTER and svc.external_traffic_local,
+        )
+        if kind is not Kind.NODEPORT:
+            addresses.add(vs.ip)
+
+    for name in sorted(state.services):
+        svc = state.services[name]
+        usable = select_endpoints(state.endpoints.get(name, ()))
+        local = tuple(e for e in usable if e.node_name == node_name)
+        internal = local if svc.internal_traffic_local else usable
+        external = local if svc.external_traffic_local else usable
+        for text in svc.cluster_ips:
+            if (ip := _normal_ip(text)) is not None:
+                add(VirtualServer(svc.protocol, ip, svc.port), svc, Kind.CLUSTER, internal)
+        for text in (*svc.external_ips, *svc.load_balancer_ips):
+            if (ip := _normal_ip(text)) is not None:
+                add(VirtualServer(svc.protocol, ip, svc.port), svc, Kind.EXTERNAL, external)
+        if svc.node_port:
+            for ip in node_ips:
+                add(VirtualServer(svc.protocol, ip, svc.node_port), svc, Kind.NODEPORT, external)
+    return Desired(servers, frozenset(addresses), tuple(conflicts))
+
+
+def _ip_key(ip: str) -> tuple[int, bytes]:
+    address = ipaddress.ip_address(ip)
+    return (address.version, address.packed)
+
+
+def _comment(text: str) -> str:
+    return f"-m comment --comment {save_quote(text[:255])}"
+
+
+def masquerade_rules(desired: Desired) -> list[str]:
+    """UPROXY-IPVS-POSTROUTING's rules, in order (IPv4 only: they are iptables rules)."""
+    servers = [s for s in desired.servers.values() if ip_family(s.vs.ip) == 4]
+    rules = [LOCAL_CLIENT_RULE]
+    for ip in sorted({rs.ip for s in servers for rs in s.dests}, key=_ip_key):
+        rules.append(
+            f"-s {ip}/32 -d {ip}/32 {_IPVS_MASQ} {_comment('uproxy IPVS: hairpin')} -j MASQUERADE"
+        )
+    external = sorted((s for s in servers if s.kind is not Kind.CLUSTER), key=lambda s: s.vs)
+    for s in external:
+        if s.local_only:
+            proto = 6 if s.vs.protocol is Protocol.TCP else 17
+            rules.append(
+                f"-m ipvs --vproto {proto} --vaddr {s.vs.ip} --vport {s.vs.port} "
+                f"{_VDIR} {_comment(f'{s.owner}: Local policy')} -j RETURN"
+            )
+    masqueraded = {s.vs.ip for s in external if not s.local_only}
+    for ip in sorted(masqueraded, key=_ip_key):
+        rules.append(
+            f"-m ipvs --vaddr {ip} {_VDIR} "
+            f"{_comment('uproxy IPVS: external traffic')} -j MASQUERADE"
+        )
+    return rules
+
+
+# -- the record of what uproxy created ------------------------------------------------------
+
+
+class OwnedServers:
+    """The virtual servers uproxy created, in a file under /run (see the module docstring);
+    None keeps it in memory (tests).
+
+    Entries are added before the virtual servers are created and removed only after they were
+    deleted, or once the kernel no longer has them, so whatever exists and is uproxy's stays on
+    record, whatever failed in between."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._servers: set[VirtualServer] | None = None  # None: not read yet
+
+    def load(self) -> set[VirtualServer]:
+        if self._servers is None:
+            self._servers = self._read()
+        return set(self._servers)
+
+    def add(self, servers: Iterable[VirtualServer]) -> None:
+        self._write(self.load() | set(servers))
+
+    def discard(self, servers: Iterable[VirtualServer]) -> None:
+        self._write(self.load() - set(servers))
+
+    def clear(self) -> None:
+        self._servers = None
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _read(self) -> set[VirtualServer]:
+        if self.path is None:
+            return set()
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise KernelError(f"cannot read {self.path}: {exc}") from None
+        out = set()
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) != 3 or parts[0] not in ("TCP", "UDP"):
+                continue
+            ip = _normal_ip(parts[1])
+            if ip is not None and parts[2].isdigit():
+                out.add(VirtualServer(Protocol(parts[0]), ip, int(parts[2])))
+        return out
+
+    def _write(self, servers: set[VirtualServer]) -> None:
+        if servers == self._servers:
+            return
+        if self.path is not None:
+            text = "".join(f"{vs.protocol.value} {vs.ip} {vs.port}\n" for vs in sorted(servers))
+            try:
+                self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                self._servers = None  # unknown now: read it again next time
+                raise KernelError(f"cannot write {self.path}: {exc}") from None
+        self._servers = servers
+
+
+# -- the stateful part: converging the kernel -------------------------------------------------
+
+
+@dataclass
+class _Result:
+    services_added: int = 0
+    services_changed: int = 0
+    services_removed: int = 0
+    dests_added: int = 0
+    dests_quiesced: int = 0
+    dests_removed: int = 0
+    cut_short: int = 0  # connections still open when the graceful period ran out
+    addresses_added: int = 0
+    addresses_removed: int = 0
+    rules: bool = False
+    flush: list[UdpFlowMatch] = field(default_factory=list)
+    deleted: list[VirtualServer] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(
+            (
+                self.services_added,
+                self.services_changed,
+                self.services_removed,
+                self.dests_added,
+                self.dests_quiesced,
+                self.dests_removed,
+                self.addresses_added,
+                self.addresses_removed,
+                self.rules,
+            )
+        )
+
+
+class Capabilities(TypingProtocol):
+    def available(self) -> str | None:
+        """None when the kernel has IPVS, else why not."""
+
+    def scheduler_available(self, scheduler: str) -> bool:
+        """Whether the kernel has (or loads on demand) this IPVS scheduler."""
+
+
+class IpvsProxier:
+    """The `Proxier` protocol on IPVS. One sync (or reap) at a time; kernel work on `worker`."""
+
+    def __init__(
+        self,
+        *,
+        ipvs: Ipvs,
+        host: IpvsHost,
+        netfilter: Netfilter | None,
+        worker: Worker | None = None,
+        scheduler: str = "rr",
+        graceful_period: float = 15.0,
+        node_name: str = "",
+        nodeport_addresses: Sequence[str] = (),
+        strict_arp: bool = False,
+        resync_period: float = 30.0,
+        state_file: Path | None = STATE_FILE,
+        conntrack: UdpFlowCleaner | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        housekeeping_interval: float | None = 1.0,
+        stats_period: float = 10.0,
+        cleanup_on_exit: bool = False,
+    ) -> None:
+        self._ipvs = ipvs
+        self._host = host
+        self._nf = netfilter
+        self._own_worker = worker is None
+        self._worker = worker or Worker()
+        self._scheduler = scheduler
+        self._graceful = graceful_period
+        self._node_name = node_name
+        self._cidrs = tuple(nodeport_addresses)
+        self._strict_arp = strict_arp
+        self._resync_period = resync_period
+        self._journal = OwnedServers(state_file)
+        self._conntrack = conntrack or self._flush_conntrack
+        self._clock = clock
+        self._interval = housekeeping_interval
+        self._stats_period = stats_period
+        self._cleanup_on_exit = cleanup_on_exit
+        self._lock = asyncio.Lock()
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._closed = False
+        # Kernel-side bookkeeping; only the worker thread touches it, one job at a time.
+        self._terminating: dict[tuple[VirtualServer, RealServer], float] = {}  # -> deadline
+        self._draining: set[VirtualServer] = set()  # removed TCP services still draining
+        self._observed: dict[VirtualServer, dict[RealServer, DestInfo]] = {}
+        self._service_info: dict[VirtualServer, ServiceInfo] = {}
+        self._applied: dict[VirtualServer, DesiredServer] = {}
+        self._rules: list[str] | None = None
+        self._trusted = False
+        self._last_full = float("-inf")
+        self._next_stats = float("-inf")
+        # What the loop thread reads.
+        self._state = ProxyState()
+        self._desired = Desired({}, frozenset())  # of the last successful sync
+        self._target = self._desired  # of the latest sync, successful or not
+        self._views: list[PortView] = []
+
+    # --- Proxier -------------------------------------------------------------------------------
+
+    async def sync(self, state: ProxyState) -> None:
+        async with self._lock:
+            started = self._clock()
+            node_ips: list[str] = []
+            if any(s.node_port for s in state.services.values()):
+                found = await self._worker.run(self._host.node_addresses, DUMMY_INTERFACE)
+                node_ips = nodeport_ips(found, self._cidrs)
+            desired = compute_desired(
+                state, scheduler=self._scheduler, node_name=self._node_name, node_ips=node_ips
+            )
+            for conflict in desired.conflicts:
+                log.warning("ipvs_conflict", detail=conflict)
+            full = not self._trusted or started - self._last_full >= 0.9 * self._resync_period
+            self._trusted = False  # until this sync has succeeded
+            self._target = desired
+            result = await self._worker.run(self._converge, desired, full)
+            self._trusted = True
+            if full:
+                self._last_full = started
+            self._state, self._desired = state, desired
+            await self._flush(result.flush)
+            self._rebuild_views()
+            (log.info if result.changed else log.debug)(
+                "ipvs_synced",
+                mode="full" if full else "changes",
+                virtual_servers=len(desired.servers),
+                addresses=len(desired.addresses),
+                services_added=result.services_added,
+                services_changed=result.services_changed,
+                services_removed=result.services_removed,
+                dests_added=result.dests_added,
+                dests_quiesced=result.dests_quiesced,
+                dests_removed=result.dests_removed,
+                terminating=len(self._terminating),
+                rules_rewritten=result.rules,
+                duration_ms=round((self._clock() - started) * 1000, 2),
+            )
+        self._start_housekeeper()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop uproxy's own work. The kernel keeps forwarding (and draining) without uproxy, so
+        nothing waits for connections; with --cleanup-on-exit everything uproxy made goes."""
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
+            self._housekeeper = None
+        if self._cleanup_on_exit and not self._closed:
+            async with self._lock:
+                await self._worker.run(self._cleanup_blocking)
+            log.info("ipvs_cleaned")
+        if not self._closed:
+            self._closed = True
+            await asyncio.to_thread(self._worker.close)
+
+    def view(self) -> list[PortView]:
+        return list(self._views)
+
+    # --- graceful termination and statistics, between syncs -----------------------------------
+
+    async def housekeep(self) -> None:
+        """Delete terminating real servers that drained or ran out of time, and refresh the
+        connection counts when due. The housekeeping task calls this every interval."""
+        async with self._lock:
+            if self._closed:
+                return
+            now = self._clock()
+            stats = now >= self._next_stats
+            if not (self._terminating or self._draining or stats):
+                return
+            result = await self._worker.run(self._housekeep_blocking, stats)
+            await self._flush(result.flush)
+            self._rebuild_views()
+            if result.changed:
+                log.info(
+                    "ipvs_reaped",
+                    dests_removed=result.dests_removed,
+                    services_removed=result.services_removed,
+                    connections_cut=result.cut_short,
+                    terminating=len(self._terminating),
+                )
+
+    @property
+    def terminating(self) -> dict[tuple[VirtualServer, RealServer], float]:
+        """Real servers at weight 0 waiting to be deleted, with their deadlines."""
+        return dict(self._terminating)
+
+    def _start_housekeeper(self) -> None:
+        if self._interval is None or self._housekeeper is not None or self._closed:
+            return
+        self._housekeeper = asyncio.get_running_loop().create_task(
+            self._housekeep_forever(self._interval), name="ipvs-housekeeping"
+        )
+
+    async def _housekeep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.housekeep()
+            except KernelError as exc:
+                log.warning("ipvs_housekeeping_failed", error=str(exc))
+            except Exception:
+                # A bug must not stop graceful termination for good; the next round retries.
+                log.exception("ipvs_housekeeping_crashed")
+
+    # --- internals on the worker thread -----------------------------------------------------
+
+    def _converge(self, desired: Desired, full: bool) -> _Result:
+        ipvs, host = self._ipvs, self._host
+        now = self._clock()
+        result = _Result()
+        if full:
+            self._ensure_sysctls()
+        host.ensure_dummy(DUMMY_INTERFACE)
+        bound = host.dummy_addresses(DUMMY_INTERFACE)
+        actual = ipvs.services()
+        recorded = self._journal.load()
+        owned = {vs for vs in actual if vs.ip in bound or vs in recorded}
+        for vs in sorted(desired.servers.keys() & actual.keys() - owned):
+            log.warning("ipvs_adopted", virtual_server=str(vs), reason="desired, not recorded")
+        # Written ahead: whatever exists after a crash in the middle is on record. Entries the
+        # kernel no longer has go (nothing else writes IPVS from uproxy: one worker thread).
+        self._journal.discard(recorded - actual.keys())
+        self._journal.add(desired.servers.keys() | owned)
+        for ip in sorted(desired.addresses - bound, key=_ip_key):
+            host.add_address(DUMMY_INTERFACE, ip)
+            result.addresses_added += 1
+        fresh: set[VirtualServer] = set()
+        for vs, want in desired.servers.items():
+            self._draining.discard(vs)
+            info = actual.get(vs)
+            if info is None:
+                ipvs.add_service(vs, want.config)
+                result.services_added += 1
+                have: dict[RealServer, DestInfo] = {}
+            else:
+                if info.config != want.config:
+                    ipvs.set_service(vs, want.config)
+                    result.services_changed += 1
+                if full or self._applied.get(vs) != want or self._has_terminating(vs):
+                    have = ipvs.dests(vs)
+                    fresh.add(vs)
+                else:
+                    have = self._observed.get(vs, {})
+            self._converge_dests(vs, want, have, now, result)
+            self._applied[vs] = want
+        for vs in list(self._applied):
+            if vs not in desired.servers:
+                del self._applied[vs]
+        for vs in sorted(owned - desired.servers.keys()):
+            self._drain_service(vs, now, result)
+            fresh.add(vs)
+        self._reap(now, result, fresh)
+        keep = desired.addresses | {vs.ip for vs in self._draining}
+        self._remove_addresses((bound | desired.addresses) - keep, result)
+        self._service_info = {vs: i for vs, i in actual.items() if vs in self._observed}
+        rules = masquerade_rules(desired)
+        if self._nf is not None and (full or rules != self._rules):
+            self._rules = None
+            result.rules = self._converge_netfilter(self._nf, rules)
+            self._rules = rules
+        return result
+
+    def _has_terminating(self, vs: VirtualServer) -> bool:
+        return any(key[0] == vs for key in self._terminating)
+
+    def _converge_dests(
+        self,
+        vs: VirtualServer,
+        want: DesiredServer,
+        have: Mapping[RealServer, DestInfo],
+        now: float,
+        result: _Result,
+    ) -> None:
+        observed = dict(have)
+        had_usable = any(d.weight > 0 for d in have.values())
+        for rs in sorted(want.dests):
+            current = have.get(rs)
+            if current is None:
+                self._ipvs.add_dest(vs, rs, WEIGHT)
+                observed[rs] = DestInfo(WEIGHT)
+                result.dests_added += 1
+            elif current.weight != WEIGHT or not current.masquerade:
+                # Back from termination, or changed behind uproxy's back.
+                self._ipvs.set_dest(vs, rs, WEIGHT)
+                observed[rs] = replace(current, weight=WEIGHT, masquerade=True)
+                result.dests_added += 1
+            self._terminating.pop((vs, rs), None)
+        for rs in sorted(have.keys() - want.dests):
+            self._retire_dest(vs, rs, have[rs], now, result, observed)
+        self._observed[vs] = observed
+        if vs.protocol is Protocol.UDP and want.dests and not had_usable:
+            # Datagrams sent while there was no real server left conntrack entries that keep
+            # the client's flow away from IPVS; the next datagram must be scheduled.
+            result.flush.append(UdpFlowMatch.destination(vs.ip, vs.port))
+
+    def _retire_dest(
+        self,
+        vs: VirtualServer,
+        rs: RealServer,
+        info: DestInfo,
+        now: float,
+        result: _Result,
+        observed: dict[RealServer, DestInfo],
+    ) -> None:
+        if vs.protocol is Protocol.UDP or self._graceful <= 0:
+            self._ipvs.delete_dest(vs, rs)
+            observed.pop(rs, None)
+            self._terminating.pop((vs, rs), None)
+            result.dests_removed += 1
+            if vs.protocol is Protocol.UDP:
+                result.flush.append(UdpFlowMatch.endpoint(rs.ip, rs.port))
+            return
+        if info.weight != 0:
+            self._ipvs.set_dest(vs, rs, 0)
+            observed[rs] = replace(info, weight=0)
+            result.dests_quiesced += 1
+        # After a restart a weight-0 real server starts its graceful period anew.
+        self._terminating.setdefault((vs, rs), now + self._graceful)
+
+    def _drain_service(self, vs: VirtualServer, now: float, result: _Result) -> None:
+        """A virtual server uproxy owns that is no longer wanted."""
+        if vs.protocol is Protocol.UDP or self._graceful <= 0:
+            self._delete_service(vs, result)
+            if vs.protocol is Protocol.UDP:
+                result.flush.append(UdpFlowMatch.destination(vs.ip, vs.port))
+            return
+        try:
+            have = self._ipvs.dests(vs)
+        except IpvsError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+            self._forget(vs)
+            return
+        observed = dict(have)
+        for rs, info in sorted(have.items()):
+            self._retire_dest(vs, rs, info, now, result, observed)
+        self._observed[vs] = observed
+        self._draining.add(vs)
+
+    def _delete_service(self, vs: VirtualServer, result: _Result) -> None:
+        self._ipvs.delete_service(vs)
+        self._journal.discard([vs])
+        self._forget(vs)
+        result.services_removed += 1
+        result.deleted.append(vs)
+
+    def _forget(self, vs: VirtualServer) -> None:
+        self._observed.pop(vs, None)
+        self._service_info.pop(vs, None)
+        self._draining.discard(vs)
+        for key in [k for k in self._terminating if k[0] == vs]:
+            del self._terminating[key]
+
+    def _reap(self, now: float, result: _Result, fresh: set[VirtualServer]) -> None:
+        """Delete terminating real servers with no connections left or no time left, then
+        draining virtual servers with no real server left."""
+        by_server: dict[VirtualServer, list[RealServer]] = {}
+        for vs, rs in self._terminating:
+            by_server.setdefault(vs, []).append(rs)
+        for vs, real_servers in sorted(by_server.items()):
+            if vs in fresh:
+                have = dict(self._observed.get(vs, {}))
+            else:
+                try:
+                    have = self._ipvs.dests(vs)
+                except IpvsError as exc:
+                    if exc.code not in (errno.ESRCH, errno.ENOENT):
+                        raise
+                    self._forget(vs)  # deleted behind uproxy's back
+                    continue
+            for rs in sorted(real_servers):
+                deadline = self._terminating[(vs, rs)]
+                info = have.get(rs)
+                if info is None or info.weight > 0:
+                    del self._terminating[(vs, rs)]  # gone, or taken back by someone
+                    continue
+                if info.open and now < deadline:
+                    continue
+                self._ipvs.delete_dest(vs, rs)
+                del self._terminating[(vs, rs)]
+                del have[rs]
+                result.dests_removed += 1
+                if info.open:
+                    result.cut_short += info.open
+                    log.info(
+                        "ipvs_graceful_period_over",
+                        virtual_server=str(vs),
+                        real_server=str(rs),
+                        active=info.active,
+                        inactive=info.inactive,
+                    )
+            self._observed[vs] = have
+        for vs in sorted(self._draining):
+            if not self._has_terminating(vs):
+                self._delete_service(vs, result)
+
+    def _remove_addresses(self, addresses: Iterable[str], result: _Result) -> None:
+        for ip in sorted(addresses, key=_ip_key):
+            self._host.delete_address(DUMMY_INTERFACE, ip)
+            result.addresses_removed += 1
+
+    def _housekeep_blocking(self, stats: bool) -> _Result:
+        now = self._clock()
+        result = _Result()
+        fresh: set[VirtualServer] = set()
+        if stats:
+            started = time.monotonic()
+            self._service_info = {
+                vs: info for vs, info in self._ipvs.services().items() if vs in self._observed
+            }
+            for vs in list(self._observed):
+                with contextlib.suppress(IpvsError):
+                    self._observed[vs] = self._ipvs.dests(vs)
+                    fresh.add(vs)
+            # Never spend more than ~5% of the time on statistics, however many services.
+            self._next_stats = now + max(self._stats_period, 20 * (time.monotonic() - started))
+        if self._terminating or self._draining:
+            self._reap(now, result, fresh)
+            # Only the addresses of the services this round deleted: anything else is the next
+            # sync's to judge, with the kernel's whole state in hand.
+            keep = self._target.addresses | {vs.ip for vs in self._draining}
+            self._remove_addresses({vs.ip for vs in result.deleted} - keep, result)
+        return result
+
+    def _ensure_sysctls(self) -> None:
+        wanted = REQUIRED_SYSCTLS + (STRICT_ARP_SYSCTLS if self._strict_arp else ())
+        for key, value in wanted:
+            current = self._host.read_sysctl(key)
+            if current is None:
+                raise KernelError(f"sysctl {key} does not exist (is the ip_vs module loaded?)")
+            if current != value:
+                self._host.write_sysctl(key, value)
+                log.info("sysctl_set", key=key, value=value, was=current)
+
+    def _converge_netfilter(self, nf: Netfilter, rules: list[str]) -> bool:
+        """Make UPROXY-IPVS-POSTROUTING exactly `rules` with its jump, and remove what another
+        uproxy mode left in nat and filter (its portals would steal the virtual addresses'
+        traffic before IPVS sees it). True when something was rewritten."""
+        nat, filter_ = nf.read(NAT), nf.read(FILTER)
+        rewritten = nat.chains.get(POSTROUTING_CHAIN) != rules
+        if rewritten:
+            nf.apply({NAT: TableUpdate(replace={POSTROUTING_CHAIN: rules})})
+        nf.ensure_jumps(NAT, (POSTROUTING_JUMP,))
+        if filter_.jumps:
+            nf.ensure_jumps(FILTER, ())
+        stale = {
+            table: TableUpdate(delete_chains=[c for c in state.chains if c != POSTROUTING_CHAIN])
+            for table, state in ((NAT, nat), (FILTER, filter_))
+            if any(c != POSTROUTING_CHAIN for c in state.chains)
+        }
+        if stale:
+            try:
+                nf.apply(stale)
+            except KernelError as exc:  # a foreign rule still jumps there: leave it
+                log.warning("stale_chains_kept", error=str(exc))
+            rewritten = True
+        return rewritten
+
+    def _cleanup_blocking(self) -> None:
+        cleanup_blocking(self._ipvs, self._host, self._journal, self._nf)
+        self._terminating.clear()
+        self._draining.clear()
+        self._observed.clear()
+        self._applied.clear()
+        self._trusted = False
+        self._rules = None
+
+    # --- internals on the loop thread ---------------------------------------------------------
+
+    async def _flush(self, matches: Sequence[UdpFlowMatch]) -> None:
+        if matches:
+            await self._conntrack(sorted(set(matches), key=lambda m: (m.ip or "", m.port)))
+
+    async def _flush_conntrack(self, matches: Sequence[UdpFlowMatch]) -> int:
+        """Best effort, like the portals: stale UDP flows expire on their own eventually."""
+        try:
+            deleted = await self._worker.run(delete_udp_flows, matches)
+        except KernelError as exc:
+            log.warning("conntrack_flush_failed", error=str(exc), matches=len(matches))
+            return 0
+        if deleted:
+            log.info("conntrack_flushed", deleted=deleted, matches=len(matches))
+        return deleted
+
+    def _rebuild_views(self) -> None:
+        by_owner: dict[ServicePortName, list[DesiredServer]] = {}
+        for server in self._desired.servers.values():
+            by_owner.setdefault(server.owner, []).append(server)
+        views = []
+        for name, svc in self._state.services.items():
+            endpoints = self._state.endpoints.get(name, ())
+            per_rs: dict[RealServer, int] = {}
+            persistent = total = bytes_in = bytes_out = 0
+            in_use: set[RealServer] = set()
+            for server in by_owner.get(name, ()):
+                in_use |= server.dests
+                for rs, dest in self._observed.get(server.vs, {}).items():
+                    # TCP: established connections; UDP: the kernel's UDP entries (sessions).
+                    count = dest.active if svc.protocol is Protocol.TCP else dest.inactive
+                    per_rs[rs] = per_rs.get(rs, 0) + count
+                    persistent += dest.persistent
+                info = self._service_info.get(server.vs)
+                if info is not None:
+                    total += info.connections
+                    bytes_in += info.bytes_in
+                    bytes_out += info.bytes_out
+            per_endpoint = {
+                e: per_rs.get(RealServer(e.ip, e.port), 0)
+                for e in endpoints
+                if RealServer(e.ip, e.port) in per_rs
+            }
+            connections = sum(per_rs.values())
+            views.append(
+                PortView(
+                    service=svc,
+                    proxy_port=svc.port,  # no proxy port: IPVS forwards the service port itself
+                    endpoints=endpoints,
+                    in_use=frozenset(e for e in endpoints if RealServer(e.ip, e.port) in in_use),
+                    per_endpoint=per_endpoint,
+                    connections=connections,
+                    affinity_entries=persistent,
+                    stats=PortStats(
+                        active=connections, total=total, bytes_in=bytes_in, bytes_out=bytes_out
+                    ),
+                )
+            )
+        self._views = views
+
+
+# -- cleanup -----------------------------------------------------------------------------------
+
+
+def _is_ipvs_chain(chain: str | None) -> bool:
+    return chain is not None and chain.startswith(CHAIN_PREFIX)
+
+
+def _delete_own_chains(nf: Netfilter) -> None:
+    """Remove UPROXY-IPVS-* chains and the jumps into them; leave every other chain alone."""
+    for table in (NAT, FILTER):
+        state = nf.read(table)
+        mine = [c for c in state.chains if _is_ipvs_chain(c)]
+        jumps = [spec for _, spec in state.jumps if _is_ipvs_chain(jump_target(spec))]
+        if not mine and not jumps:
+            continue
+        if len(jumps) < len(state.jumps):
+            # Jumps into another mode's chains too: the Netfilter interface can only make the
+            # set of jumps exact, so leave ours in place but empty; `uproxy cleanup`'s sweep of
+            # every UPROXY-* chain removes them all.
+            log.warning("ipvs_cleanup_jumps_left", table=table)
+            nf.apply({table: TableUpdate(replace={c: [] for c in mine})})
+            continue
+        nf.ensure_jumps(table, ())
+        if mine:
+            nf.apply({table: TableUpdate(delete_chains=mine)})
+
+
+def cleanup_blocking(
+    ipvs: Ipvs | None, host: IpvsHost, journal: OwnedServers, nf: Netfilter | None
+) -> None:
+    """Delete uproxy's virtual servers, the dummy interface (with its addresses), the record
+    and the UPROXY-IPVS-* chains. Blocks; idempotent. `ipvs` None: the kernel has no IPVS."""
+    if ipvs is not None:
+        bound = host.dummy_addresses(DUMMY_INTERFACE)
+        recorded = journal.load()
+        for vs in sorted(ipvs.services()):
+            if vs.ip in bound or vs in recorded:
+                ipvs.delete_service(vs)
+    if host.delete_dummy(DUMMY_INTERFACE):
+        log.info("ipvs_interface_deleted", interface=DUMMY_INTERFACE)
+    journal.clear()
+    if nf is not None:
+        _delete_own_chains(nf)
+
+
+def _cleanup_backends() -> list[Netfilter]:
+    from uproxy.kernel.netfilter import ToolMissing, open_backend
+
+    backends: list[Netfilter] = []
+    for name in ("nft", "legacy"):
+        with contextlib.suppress(ToolMissing):
+            backends.append(open_backend(name))
+    return backends
+
+
+async def cleanup_ipvs(state_file: Path = STATE_FILE) -> None:
+    """What `uproxy cleanup` does for IPVS mode: remove uproxy's virtual servers (those on
+    uproxy-ipvs0's addresses or on record), uproxy-ipvs0 and the UPROXY-IPVS-* chains of both
+    iptables backends. Every other virtual server survives. Idempotent; fine when the kernel has
+    no IPVS (there is then nothing of it to remove). Raises KernelError if something remains."""
+    worker = Worker("uproxy-cleanup")
+    kernel = NetlinkIpvs(worker)
+    errors: list[str] = []
+    try:
+        # Without /proc/net/ip_vs there is no IPVS state, and opening the family would load it.
+        ipvs = kernel if PROC_IPVS.exists() else None
+        journal = OwnedServers(state_file)
+        try:
+            await worker.run(cleanup_blocking, ipvs, kernel, journal, None)
+        except KernelError as exc:
+            errors.append(str(exc))
+        for nf in await asyncio.to_thread(_cleanup_backends):
+            try:
+                await worker.run(_delete_own_chains, nf)
+            except KernelError as exc:
+                # e.g. a backend whose tables the kernel cannot load: nothing of ours is there.
+                log.info("ipvs_cleanup_netfilter_skipped", backend=nf.backend, error=str(exc))
+    finally:
+        await asyncio.to_thread(worker.close)
+    if errors:
+        raise KernelError("; ".join(errors))
+    log.info("ipvs_cleanup_done")
+
+
+# -- building it -------------------------------------------------------------------------------
+
+
+def ipvs_available(proc: Path = PROC_IPVS) -> bool:
     return proc.exists()
 
 
-def build_ipvs_proxier(settings: Settings) -> Proxier:
-    if not ipvs_available():
+def check_capabilities(kernel: Capabilities, scheduler: str) -> None:
+    """Refuse to start, with a message saying what to do, when IPVS mode cannot work."""
+    why = kernel.available()
+    if why is not None:
         raise KernelError(
             "IPVS mode needs the kernel's IP_VS support, which this kernel does not have "
-            "(no /proc/net/ip_vs; try 'modprobe ip_vs'); run with --mode userspace instead"
+            f"({why}; where the module exists, 'modprobe ip_vs' loads it); "
+            "run with --mode userspace instead"
         )
-    raise KernelError("IPVS mode is not available in this build yet; use --mode userspace")
+    if scheduler not in SCHEDULERS:
+        raise KernelError(
+            f"unknown IPVS scheduler {scheduler!r} (choose one of {', '.join(SCHEDULERS)})"
+        )
+    if not kernel.scheduler_available(scheduler):
+        raise KernelError(
+            f"this kernel has no IPVS scheduler {scheduler!r} (module ip_vs_{scheduler}); "
+            f"load it with 'modprobe ip_vs_{scheduler}' or choose another --ipvs-scheduler "
+            "(rr is the default)"
+        )
+
+
+def build_ipvs_proxier(settings: Settings) -> IpvsProxier:
+    """IPVS mode with the real kernel; KernelError at once when the kernel cannot do it."""
+    worker = Worker()
+    try:
+        kernel = NetlinkIpvs(worker)
+        check_capabilities(kernel, settings.ipvs_scheduler)
+        from uproxy.kernel.netfilter import build_netfilter
+
+        netfilter = build_netfilter(settings.iptables_backend)
+    except BaseException:
+        worker.close()
+        raise
+    log.info(
+        "ipvs_mode",
+        scheduler=settings.ipvs_scheduler,
+        graceful_period=settings.ipvs_graceful_period,
+        strict_arp=settings.ipvs_strict_arp,
+        interface=DUMMY_INTERFACE,
+    )
+    return IpvsProxier(
+        ipvs=kernel,
+        host=kernel,
+        netfilter=netfilter,
+        worker=worker,
+        scheduler=settings.ipvs_scheduler,
+        graceful_period=settings.ipvs_graceful_period,
+        node_name=settings.hostname,
+        nodeport_addresses=settings.nodeport_addresses,
+        strict_arp=settings.ipvs_strict_arp,
+        resync_period=settings.sync_period,
+        cleanup_on_exit=settings.cleanup_on_exit,
+    )
