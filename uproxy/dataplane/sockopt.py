@@ -37,13 +37,6 @@ def family_of(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
 
-def set_nodelay(sock: Any) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # the peer may already be gone; nothing to tune then
-
-
 def set_reset_on_close(sock: Any) -> None:
     """Make the next close send RST instead of FIN, to pass a reset on to the other leg."""
     try:

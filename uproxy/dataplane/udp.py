@@ -8,6 +8,9 @@ Design notes (the why):
 - Buffers are the maximum datagram size, so nothing is truncated (kube-proxy cut at 4 KiB).
 - Idle sessions expire after `timeout`; the timer is not reset per datagram, it re-arms itself for
   the remaining time when it fires, which keeps the per-datagram path to a clock read.
+- Per datagram, the local address is re-parsed only when the raw ancillary bytes differ from the
+  previous datagram's of that session, and the reply's source-address cmsg is built once per
+  local address, not per reply.
 - UDP has no backpressure: a datagram that cannot be sent right now is dropped and counted.
 """
 
@@ -38,23 +41,47 @@ _SEND_DROP = (BlockingIOError, InterruptedError, ConnectionRefusedError)
 
 
 class _Session:
-    __slots__ = ("client", "endpoint", "last_active", "listener", "local", "sock", "timer")
+    __slots__ = (
+        "anc",
+        "client",
+        "cmsg",
+        "endpoint",
+        "last_active",
+        "listener",
+        "local",
+        "sock",
+        "timer",
+    )
 
     def __init__(
         self,
         listener: UdpListener,
         client: tuple[str, int],
-        local: bytes | None,
+        anc: list[tuple[int, int, bytes]],
         endpoint: Endpoint,
         sock: socket.socket,
     ) -> None:
         self.listener = listener
         self.client = client
-        self.local = local
+        self.anc = b""
+        self.local: bytes | None = None
+        self.cmsg: list[tuple[int, int, bytes]] = []
+        self.set_local(anc)
         self.endpoint = endpoint
         self.sock = sock
         self.last_active = listener.clock()
         self.timer: asyncio.TimerHandle | None = None
+
+    def set_local(self, anc: list[tuple[int, int, bytes]]) -> None:
+        """Note the local address from a datagram's ancillary data (parsed only if changed)."""
+        raw = anc[0][2] if len(anc) == 1 else b""
+        if raw and raw == self.anc:
+            return
+        self.anc = raw
+        local = local_address(anc)
+        if local != self.local or not self.cmsg:
+            self.local = local
+            self.cmsg = [] if local is None else source_cmsg(self.listener.family, local)
 
     def reply_ready(self) -> None:
         listener = self.listener
@@ -99,7 +126,7 @@ class UdpListener:
         self.stats = PortStats()
         self.clock = clock
         self._sock = sock
-        self._family = sock.family
+        self.family = sock.family
         self._loop = loop
         self._timeout = timeout
         self._max_sessions = max_sessions
@@ -145,6 +172,8 @@ class UdpListener:
 
     def _datagrams_ready(self) -> None:
         sock = self._sock
+        sessions = self._sessions
+        clock = self.clock
         for _ in range(READ_BATCH):
             try:
                 data, ancdata, _flags, client = sock.recvmsg(MAX_DATAGRAM, PKTINFO_CMSG_SPACE)
@@ -153,15 +182,17 @@ class UdpListener:
             except OSError as exc:
                 log.warning("udp_receive_failed", service=str(self.name), error=str(exc))
                 return
-            client = (client[0], client[1])
-            session = self._sessions.get(client)
+            if len(client) != 2:
+                client = (client[0], client[1])
+            session = sessions.get(client)
             if session is None:
-                session = self._open_session(client, local_address(ancdata))
+                session = self._open_session(client, ancdata)
                 if session is None:
                     continue
             else:
-                session.local = local_address(ancdata)
-                session.last_active = self.clock()
+                if not ancdata or ancdata[0][2] != session.anc:
+                    session.set_local(ancdata)
+                session.last_active = clock()
             self.stats.bytes_in += len(data)
             try:
                 session.sock.send(data)
@@ -172,7 +203,9 @@ class UdpListener:
                 self.stats.dropped += 1
                 self.end_session(session)
 
-    def _open_session(self, client: tuple[str, int], local: bytes | None) -> _Session | None:
+    def _open_session(
+        self, client: tuple[str, int], anc: list[tuple[int, int, bytes]]
+    ) -> _Session | None:
         if len(self._sessions) >= self._max_sessions:
             self.stats.dropped += 1
             if not self._limit_logged:
@@ -202,7 +235,7 @@ class UdpListener:
             log.debug("udp_connect_failed", service=str(self.name), error=str(exc))
             self.stats.dropped += 1
             return None
-        session = _Session(self, client, local, endpoint, sock)
+        session = _Session(self, client, anc, endpoint, sock)
         self._sessions[client] = session
         self.stats.total += 1
         self.stats.active += 1
@@ -220,9 +253,7 @@ class UdpListener:
             if session.local is None:
                 self._sock.sendto(data, session.client)
             else:
-                self._sock.sendmsg(
-                    [data], source_cmsg(self._family, session.local), 0, session.client
-                )
+                self._sock.sendmsg([data], session.cmsg, 0, session.client)
         except _SEND_DROP:
             self.stats.dropped += 1
         except OSError as exc:
