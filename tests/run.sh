@@ -14,6 +14,7 @@ packages=(
   chromium
   podman runc netavark aardvark-dns debootstrap
   qemu-system-x86 ipvsadm
+  haproxy nginx libnginx-mod-stream wrk
 )
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
