@@ -95,7 +95,6 @@ ok=1
 # edits made meanwhile), which makes Python's imports over 9p several times faster.
 p9=trans=virtio,version=9p2000.L,msize=512000
 $bb mount -t 9p -o $p9,cache=loose,ro hostroot /host || ok=0
-$bb mount -t 9p -o $p9,cache=loose project /host$project || ok=0
 $bb mount -t proc proc /host/proc
 $bb mount -t sysfs sysfs /host/sys
 $bb mount -t devtmpfs devtmpfs /host/dev
@@ -104,6 +103,9 @@ $bb mount -t devpts devpts /host/dev/pts
 $bb mount -t tmpfs tmpfs /host/dev/shm
 $bb mount -t tmpfs tmpfs /host/run
 $bb mount -t tmpfs tmpfs /host/tmp
+# The project after the tmpfs mounts, so that a checkout under /tmp or /run stays visible.
+$bb mkdir -p /host$project
+$bb mount -t 9p -o $p9,cache=loose project /host$project || ok=0
 $bb mkdir -p /host$results
 $bb mount -t 9p -o $p9 results /host$results || ok=0
 # Module autoload: the host's modprobe, in the shared root, on the unpacked kernel's modules.
