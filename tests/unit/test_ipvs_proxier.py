@@ -26,18 +26,16 @@ from uproxy.kernel.ipvs import (
 from uproxy.kernel.ipvs_fake import FakeIpvs
 from uproxy.kernel.netfilter import Jump, TableUpdate
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
-from uproxy.proxier.ipvs import (
+from uproxy.proxier.ipvs import IpvsProxier, check_capabilities, cleanup_blocking
+from uproxy.proxier.ipvs_desired import (
     LOCAL_CLIENT_RULE,
     POSTROUTING_CHAIN,
-    IpvsProxier,
     Kind,
-    OwnedServers,
-    check_capabilities,
-    cleanup_blocking,
     compute_desired,
     masquerade_rules,
     nodeport_ips,
 )
+from uproxy.proxier.ipvs_owned import OwnedServers
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
 WEB = ServicePortName("default", "web", "http")

@@ -48,10 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
-import ipaddress
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,7 +57,6 @@ from typing import Protocol as TypingProtocol
 
 import structlog
 
-from uproxy.convert import select_endpoints
 from uproxy.dataplane.stats import PortStats
 from uproxy.errors import KernelError
 from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch, delete_udp_flows
@@ -74,249 +70,34 @@ from uproxy.kernel.ipvs import (
     IpvsHost,
     NetlinkIpvs,
     RealServer,
-    ServiceConfig,
     ServiceInfo,
     VirtualServer,
     Worker,
-    ip_family,
 )
-from uproxy.kernel.netfilter import Jump, Netfilter, TableUpdate, jump_target, save_quote
-from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.kernel.netfilter import Netfilter, TableUpdate, jump_target
+from uproxy.model import Protocol, ProxyState, ServicePortName
 from uproxy.proxier.base import PortView
+from uproxy.proxier.ipvs_desired import (
+    CHAIN_PREFIX,
+    FILTER,
+    NAT,
+    POSTROUTING_CHAIN,
+    POSTROUTING_JUMP,
+    REQUIRED_SYSCTLS,
+    STATE_FILE,
+    STRICT_ARP_SYSCTLS,
+    WEIGHT,
+    Desired,
+    DesiredServer,
+    compute_desired,
+    ip_sort_key,
+    masquerade_rules,
+    nodeport_ips,
+)
+from uproxy.proxier.ipvs_owned import OwnedServers
 from uproxy.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-STATE_FILE = Path("/run/uproxy/ipvs-virtual-servers")
-CHAIN_PREFIX = "UPROXY-IPVS-"
-POSTROUTING_CHAIN = "UPROXY-IPVS-POSTROUTING"
-NAT = "nat"
-FILTER = "filter"
-POSTROUTING_JUMP = Jump("POSTROUTING", POSTROUTING_CHAIN, "uproxy IPVS masquerade")
-WEIGHT = 1
-
-REQUIRED_SYSCTLS = (
-    ("net.ipv4.vs.conntrack", "1"),
-    ("net.ipv4.vs.expire_nodest_conn", "1"),
-    ("net.ipv4.vs.expire_quiescent_template", "1"),
-    ("net.ipv4.ip_forward", "1"),
-)
-STRICT_ARP_SYSCTLS = (
-    ("net.ipv4.conf.all.arp_ignore", "1"),
-    ("net.ipv4.conf.all.arp_announce", "2"),
-)
-
-# Rule specs exactly as iptables-save prints them (measured with iptables-nft 1.8.9), so "is this
-# rule there?" is a string comparison. --vdir ORIGINAL --vmethod MASQ: packets IPVS masqueraded,
-# in the client-to-server direction, after IPVS changed their destination to the real server.
-_VDIR = "--vdir ORIGINAL --vmethod MASQ"
-_IPVS_MASQ = f"-m ipvs {_VDIR}"
-LOCAL_CLIENT_RULE = (
-    f"{_IPVS_MASQ} -m addrtype --src-type LOCAL "
-    f"-m comment --comment {save_quote('uproxy IPVS: node-local client')} -j MASQUERADE"
-)
-
-
-class Kind(enum.StrEnum):
-    CLUSTER = "cluster"  # a ClusterIP
-    EXTERNAL = "external"  # an externalIP or a LoadBalancer IP
-    NODEPORT = "nodeport"  # a node address with the NodePort
-
-
-@dataclass(frozen=True, slots=True)
-class DesiredServer:
-    vs: VirtualServer
-    config: ServiceConfig
-    dests: frozenset[RealServer]
-    owner: ServicePortName
-    kind: Kind
-    local_only: bool = False  # externalTrafficPolicy Local on external traffic: no masquerade
-
-
-@dataclass(frozen=True, slots=True)
-class Desired:
-    servers: Mapping[VirtualServer, DesiredServer]
-    addresses: frozenset[str]  # for uproxy-ipvs0
-    conflicts: tuple[str, ...] = ()
-
-
-# -- the pure part: the service model -> virtual servers and rules -------------------------------
-
-
-def _normal_ip(text: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
-
-
-def nodeport_ips(node_ips: Iterable[str], cidrs: Sequence[str]) -> list[str]:
-    """The node addresses NodePorts get virtual servers on: all of them, or those inside one of
-    the --nodeport-addresses CIDRs."""
-    networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
-    out: list[str] = []
-    for text in node_ips:
-        ip = ipaddress.ip_address(text)
-        if networks and not any(ip.version == n.version and ip in n for n in networks):
-            continue
-        if str(ip) not in out:
-            out.append(str(ip))
-    return sorted(out, key=lambda a: (ip_family(a), ipaddress.ip_address(a).packed))
-
-
-def _dests(endpoints: Iterable[Endpoint], family: int) -> frozenset[RealServer]:
-    out = set()
-    for endpoint in endpoints:
-        ip = _normal_ip(endpoint.ip)
-        # IPVS masquerading cannot cross address families.
-        if ip is not None and ip_family(ip) == family:
-            out.add(RealServer(ip, endpoint.port))
-    return frozenset(out)
-
-
-def compute_desired(
-    state: ProxyState, *, scheduler: str, node_name: str, node_ips: Sequence[str]
-) -> Desired:
-    """Every virtual server (with its real servers) and every address `state` calls for."""
-    servers: dict[VirtualServer, DesiredServer] = {}
-    addresses: set[str] = set()
-    conflicts: list[str] = []
-
-    def add(vs: VirtualServer, svc: ServicePort, kind: Kind, endpoints: Iterable[Endpoint]) -> None:
-        taken = servers.get(vs)
-        if taken is not None:
-            # Services are visited in name order, so the same one wins every sync.
-            conflicts.append(f"{vs} of {svc.name} is already {taken.owner}'s")
-            return
-        servers[vs] = DesiredServer(
-            vs=vs,
-            config=ServiceConfig(scheduler, svc.affinity_timeout),
-            dests=_dests(endpoints, ip_family(vs.ip)),
-            owner=svc.name,
-            kind=kind,
-            local_only=kind is not Kind.CLUSTER and svc.external_traffic_local,
-        )
-        if kind is not Kind.NODEPORT:
-            addresses.add(vs.ip)
-
-    for name in sorted(state.services):
-        svc = state.services[name]
-        usable = select_endpoints(state.endpoints.get(name, ()))
-        local = tuple(e for e in usable if e.node_name == node_name)
-        internal = local if svc.internal_traffic_local else usable
-        external = local if svc.external_traffic_local else usable
-        for text in svc.cluster_ips:
-            if (ip := _normal_ip(text)) is not None:
-                add(VirtualServer(svc.protocol, ip, svc.port), svc, Kind.CLUSTER, internal)
-        for text in (*svc.external_ips, *svc.load_balancer_ips):
-            if (ip := _normal_ip(text)) is not None:
-                add(VirtualServer(svc.protocol, ip, svc.port), svc, Kind.EXTERNAL, external)
-        if svc.node_port:
-            for ip in node_ips:
-                add(VirtualServer(svc.protocol, ip, svc.node_port), svc, Kind.NODEPORT, external)
-    return Desired(servers, frozenset(addresses), tuple(conflicts))
-
-
-def _ip_key(ip: str) -> tuple[int, bytes]:
-    address = ipaddress.ip_address(ip)
-    return (address.version, address.packed)
-
-
-def _comment(text: str) -> str:
-    return f"-m comment --comment {save_quote(text[:255])}"
-
-
-def masquerade_rules(desired: Desired) -> list[str]:
-    """UPROXY-IPVS-POSTROUTING's rules, in order (IPv4 only: they are iptables rules)."""
-    servers = [s for s in desired.servers.values() if ip_family(s.vs.ip) == 4]
-    rules = [LOCAL_CLIENT_RULE]
-    for ip in sorted({rs.ip for s in servers for rs in s.dests}, key=_ip_key):
-        rules.append(
-            f"-s {ip}/32 -d {ip}/32 {_IPVS_MASQ} {_comment('uproxy IPVS: hairpin')} -j MASQUERADE"
-        )
-    external = sorted((s for s in servers if s.kind is not Kind.CLUSTER), key=lambda s: s.vs)
-    for s in external:
-        if s.local_only:
-            proto = 6 if s.vs.protocol is Protocol.TCP else 17
-            rules.append(
-                f"-m ipvs --vproto {proto} --vaddr {s.vs.ip} --vport {s.vs.port} "
-                f"{_VDIR} {_comment(f'{s.owner}: Local policy')} -j RETURN"
-            )
-    masqueraded = {s.vs.ip for s in external if not s.local_only}
-    for ip in sorted(masqueraded, key=_ip_key):
-        rules.append(
-            f"-m ipvs --vaddr {ip} {_VDIR} "
-            f"{_comment('uproxy IPVS: external traffic')} -j MASQUERADE"
-        )
-    return rules
-
-
-# -- the record of what uproxy created ------------------------------------------------------
-
-
-class OwnedServers:
-    """The virtual servers uproxy created, in a file under /run (see the module docstring);
-    None keeps it in memory (tests).
-
-    Entries are added before the virtual servers are created and removed only after they were
-    deleted, or once the kernel no longer has them, so whatever exists and is uproxy's stays on
-    record, whatever failed in between."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._servers: set[VirtualServer] | None = None  # None: not read yet
-
-    def load(self) -> set[VirtualServer]:
-        if self._servers is None:
-            self._servers = self._read()
-        return set(self._servers)
-
-    def add(self, servers: Iterable[VirtualServer]) -> None:
-        self._write(self.load() | set(servers))
-
-    def discard(self, servers: Iterable[VirtualServer]) -> None:
-        self._write(self.load() - set(servers))
-
-    def clear(self) -> None:
-        self._servers = None
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-    def _read(self) -> set[VirtualServer]:
-        if self.path is None:
-            return set()
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return set()
-        except OSError as exc:
-            raise KernelError(f"cannot read {self.path}: {exc}") from None
-        out = set()
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) != 3 or parts[0] not in ("TCP", "UDP"):
-                continue
-            ip = _normal_ip(parts[1])
-            if ip is not None and parts[2].isdigit():
-                out.add(VirtualServer(Protocol(parts[0]), ip, int(parts[2])))
-        return out
-
-    def _write(self, servers: set[VirtualServer]) -> None:
-        if servers == self._servers:
-            return
-        if self.path is not None:
-            text = "".join(f"{vs.protocol.value} {vs.ip} {vs.port}\n" for vs in sorted(servers))
-            try:
-                self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text(text)
-                os.replace(tmp, self.path)
-            except OSError as exc:
-                self._servers = None  # unknown now: read it again next time
-                raise KernelError(f"cannot write {self.path}: {exc}") from None
-        self._servers = servers
-
 
 # -- the stateful part: converging the kernel -------------------------------------------------
 
@@ -546,7 +327,7 @@ class IpvsProxier:
         # kernel no longer has go (nothing else writes IPVS from uproxy: one worker thread).
         self._journal.discard(recorded - actual.keys())
         self._journal.add(desired.servers.keys() | owned)
-        for ip in sorted(desired.addresses - bound, key=_ip_key):
+        for ip in sorted(desired.addresses - bound, key=ip_sort_key):
             host.add_address(DUMMY_INTERFACE, ip)
             result.addresses_added += 1
         fresh: set[VirtualServer] = set()
@@ -720,7 +501,7 @@ class IpvsProxier:
                 self._delete_service(vs, result)
 
     def _remove_addresses(self, addresses: Iterable[str], result: _Result) -> None:
-        for ip in sorted(addresses, key=_ip_key):
+        for ip in sorted(addresses, key=ip_sort_key):
             self._host.delete_address(DUMMY_INTERFACE, ip)
             result.addresses_removed += 1
 
