@@ -7,14 +7,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import structlog
-
 from uproxy.errors import KernelError
 from uproxy.kernel.ipvs import VirtualServer
 from uproxy.model import Protocol
 from uproxy.proxier.ipvs_desired import normal_ip
-
-log = structlog.get_logger(__name__)
 
 
 class OwnedServers:
