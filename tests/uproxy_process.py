@@ -17,13 +17,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def loopback_run_args(config: Path, *extra: str) -> list[str]:
+def loopback_run_args(config: Path | None, *extra: str) -> list[str]:
     """`uproxy run` as the loopback tests use it: listeners only, on 127.0.0.1, JSON logs, no
-    sync delay, and health/metrics on free ports (several proxies run side by side in tests)."""
+    sync delay, and health/metrics on free ports (several proxies run side by side in tests).
+    `config` None leaves the source to `extra` (for example --kubeconfig)."""
+    source = [] if config is None else ["--config", str(config)]
     return [
         "run",
-        "--config",
-        str(config),
+        *source,
         "--no-portals",
         "--bind-address",
         "127.0.0.1",

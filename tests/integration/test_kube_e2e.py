@@ -23,32 +23,14 @@ from tests import backends as be
 from tests.integration.netns import Namespace, network
 from tests.kubeapi import ThreadedKubeApi, make_endpoint_slice, make_service
 from tests.kubeconfig import write_kubeconfig
-from tests.uproxy_process import UproxyProcess
+from tests.uproxy_process import UproxyProcess, loopback_run_args
 
 WEB = "default/web:http"
 API = "default/api:http"
 
 
 def start(kubeconfig: Path) -> UproxyProcess:
-    return UproxyProcess(
-        [
-            "run",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--no-portals",
-            "--bind-address",
-            "127.0.0.1",
-            "--log-format",
-            "json",
-            "--min-sync-period",
-            "0",
-            # Fixed ports would collide with other uproxy processes of the test run.
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ]
-    )
+    return UproxyProcess(loopback_run_args(None, "--kubeconfig", str(kubeconfig)))
 
 
 def http_get(port: int) -> str:
