@@ -63,7 +63,7 @@ async def _noop_conntrack(matches: Sequence[Any]) -> int:
 
 
 async def _child(backend: str, ports: int, changes: int) -> dict[str, Any]:
-    from uproxy.kernel.netfilter import open_backend
+    from uproxy.kernel.detect import open_backend, physdev_supported
     from uproxy.model import Protocol, ServicePort, ServicePortName
     from uproxy.proxier.netfilter_portals import NetfilterPortals
     from uproxy.proxier.portals import Portal
@@ -79,6 +79,7 @@ async def _child(backend: str, ports: int, changes: int) -> dict[str, Any]:
             open_backend(backend),  # type: ignore[arg-type]
             resync_period=1e9,
             conntrack=_noop_conntrack,
+            physdev=physdev_supported(),
             other_backends=[],
         )
 
@@ -111,8 +112,8 @@ async def _child(backend: str, ports: int, changes: int) -> dict[str, Any]:
 
 
 async def _child_ipvs(ports: int, changes: int, fake: bool) -> dict[str, Any]:
+    from uproxy.kernel.detect import open_backend
     from uproxy.kernel.ipvs import NetlinkIpvs, Worker
-    from uproxy.kernel.netfilter import open_backend
     from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
     from uproxy.proxier.ipvs import IpvsProxier, check_capabilities
 

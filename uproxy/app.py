@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import structlog
 from uproxy.changes import ChangeTracker
 from uproxy.dataplane.sockopt import raise_nofile_limit
 from uproxy.errors import SettingsError
+from uproxy.kernel.netfilter import BackendChoice, BackendName
 from uproxy.model import ProxyState
 from uproxy.observe.health import Health
 from uproxy.observe.metrics import Metrics
@@ -59,21 +61,67 @@ def build_sources(settings: Settings) -> list[Source]:
 def build_portals(settings: Settings) -> Portals:
     if not settings.portals:
         return NoPortals()
-    from uproxy.kernel.netfilter import build_netfilter
+    from uproxy.kernel.conntrack import flush_udp_flows
+    from uproxy.kernel.detect import (
+        build_netfilter,
+        open_if_holding_own_rules,
+        other_backend,
+        physdev_supported,
+    )
     from uproxy.proxier.netfilter_portals import NetfilterPortals
 
+    netfilter = build_netfilter(settings.iptables_backend)
     return NetfilterPortals(
-        build_netfilter(settings.iptables_backend),
+        netfilter,
         bind_address=settings.bind_address,
         nodeport_addresses=settings.nodeport_addresses,
         resync_period=settings.sync_period,
+        conntrack=flush_udp_flows,
+        physdev=physdev_supported(),
+        other_backends=open_if_holding_own_rules(other_backend(netfilter.backend)),
+    )
+
+
+def build_ipvs_proxier(settings: Settings) -> Proxier:
+    """IPVS mode with the real kernel; KernelError at once when the kernel cannot do it."""
+    from uproxy.kernel.conntrack import flush_udp_flows
+    from uproxy.kernel.detect import build_netfilter
+    from uproxy.kernel.ipvs import DUMMY_INTERFACE, NetlinkIpvs, Worker
+    from uproxy.proxier.ipvs import IpvsProxier, check_capabilities
+
+    worker = Worker()
+    try:
+        kernel = NetlinkIpvs(worker)
+        check_capabilities(kernel, settings.ipvs_scheduler)
+        netfilter = build_netfilter(settings.iptables_backend)
+    except BaseException:
+        worker.close()
+        raise
+    log.info(
+        "ipvs_mode",
+        scheduler=settings.ipvs_scheduler,
+        graceful_period=settings.ipvs_graceful_period,
+        strict_arp=settings.ipvs_strict_arp,
+        interface=DUMMY_INTERFACE,
+    )
+    return IpvsProxier(
+        ipvs=kernel,
+        host=kernel,
+        netfilter=netfilter,
+        worker=worker,
+        scheduler=settings.ipvs_scheduler,
+        graceful_period=settings.ipvs_graceful_period,
+        node_name=settings.hostname,
+        nodeport_addresses=settings.nodeport_addresses,
+        strict_arp=settings.ipvs_strict_arp,
+        resync_period=settings.sync_period,
+        conntrack=functools.partial(flush_udp_flows, run_blocking=worker.run),
+        cleanup_on_exit=settings.cleanup_on_exit,
     )
 
 
 def build_proxier(settings: Settings, portals: Portals) -> Proxier:
     if settings.mode == "ipvs":
-        from uproxy.proxier.ipvs import build_ipvs_proxier
-
         return build_ipvs_proxier(settings)
     return UserspaceProxier(
         bind_address=settings.bind_address,
@@ -232,6 +280,39 @@ class App:
     def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def cleanup(iptables_backend: BackendChoice = "auto") -> None:
+    """What `uproxy cleanup` does: remove everything every mode of uproxy installed, in both
+    iptables backends (a previous run may have used either; the choice only orders the work)
+    and in IPVS. Raises KernelError naming whatever remains."""
+    from uproxy.cleanup import cleanup_everything
+    from uproxy.kernel.detect import open_installed, other_backend
+    from uproxy.kernel.ipvs import PROC_IPVS, NetlinkIpvs, Worker
+    from uproxy.proxier.ipvs import cleanup_ipvs
+    from uproxy.proxier.ipvs_desired import STATE_FILE
+    from uproxy.proxier.ipvs_owned import OwnedServers
+
+    first: BackendName = "legacy" if iptables_backend == "legacy" else "nft"
+    backends = []
+    for name in (first, other_backend(first)):
+        netfilter = open_installed(name)
+        if netfilter is None:
+            log.info("cleanup_skipped", backend=name, reason="tools not installed")
+        else:
+            backends.append(netfilter)
+    worker = Worker("uproxy-cleanup")
+    try:
+        kernel = NetlinkIpvs(worker)
+        # Without /proc/net/ip_vs there is no IPVS state, and opening the family would load it.
+        ipvs = kernel if PROC_IPVS.exists() else None
+
+        async def ipvs_cleaner() -> None:
+            await cleanup_ipvs(worker, ipvs, kernel, OwnedServers(STATE_FILE))
+
+        await cleanup_everything(backends, [ipvs_cleaner])
+    finally:
+        await asyncio.to_thread(worker.close)
 
 
 async def serve(settings: Settings) -> None:

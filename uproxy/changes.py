@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from uproxy.convert import endpoints_for_port
+from uproxy.endpoints import endpoints_for_port
 from uproxy.model import (
     Endpoint,
     EndpointSlice,

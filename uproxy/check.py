@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from uproxy.convert import endpoints_for_port, select_endpoints
+from uproxy.endpoints import categorize_endpoints, endpoints_for_port
 from uproxy.model import EndpointSlice, ServicePort
 from uproxy.sources.manifests import load_paths, merge_files
 
@@ -32,7 +33,8 @@ def _affinity(port: ServicePort) -> str:
 def _endpoints(port: ServicePort, slices: Sequence[EndpointSlice]) -> str:
     # FQDN slices are shown by name: resolving them here would make `check` depend on DNS.
     found = endpoints_for_port(slices, port.name, port.protocol, include_fqdn=True)
-    chosen = select_endpoints(found)
+    # No node here: show what cluster traffic would use.
+    chosen = categorize_endpoints(found, replace(port, internal_traffic_local=False), "").cluster
     text = ",".join(str(e) for e in chosen) or "<none>"
     unused = len(found) - len(chosen)
     return f"{text} (+{unused} not ready)" if unused else text

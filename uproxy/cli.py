@@ -302,21 +302,12 @@ def check(config_paths: tuple[Path, ...]) -> None:
 def cleanup(iptables_backend: str, log_level: str, log_format: str) -> None:
     """Remove every chain, rule, IPVS virtual server, address and interface uproxy owns."""
     configure_logging(log_level, log_format)  # type: ignore[arg-type]
-    from uproxy.proxier.ipvs import cleanup_ipvs
-    from uproxy.proxier.netfilter_portals import cleanup_everything
+    from uproxy.app import cleanup as cleanup_all
 
-    async def clean() -> list[str]:
-        errors = []
-        for step in (cleanup_ipvs(), cleanup_everything(iptables_backend)):  # type: ignore[arg-type]
-            try:
-                await step
-            except UproxyError as exc:
-                errors.append(str(exc))
-        return errors
-
-    errors = asyncio.run(clean())
-    if errors:
-        log.error("cleanup_failed", error="; ".join(errors))
+    try:
+        asyncio.run(cleanup_all(iptables_backend))  # type: ignore[arg-type]
+    except UproxyError as exc:
+        log.error("cleanup_failed", error=str(exc))
         sys.exit(1)
 
 

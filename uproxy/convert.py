@@ -18,7 +18,6 @@ from uproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     MAX_AFFINITY_TIMEOUT,
     AddressType,
-    Endpoint,
     EndpointSlice,
     ObjectKey,
     Protocol,
@@ -471,66 +470,3 @@ def convert_object(obj: Mapping[str, Any]) -> Converted | None:
             return _object_result(obj, "EndpointSlice")
         case _:
             return None
-
-
-# --- endpoints --------------------------------------------------------------------------------
-
-
-def _ip_sort_key(ip: str) -> tuple[int, int, str]:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:  # hostnames, when showing FQDN slices unresolved
-        return (9, 0, ip)
-    return (address.version, int(address), ip)
-
-
-def _rank(endpoint: Endpoint) -> tuple[bool, bool, bool]:
-    return (endpoint.ready, endpoint.serving, not endpoint.terminating)
-
-
-def endpoints_for_port(
-    slices: Iterable[EndpointSlice],
-    port_name: ServicePortName,
-    protocol: Protocol,
-    *,
-    include_fqdn: bool = False,
-) -> tuple[Endpoint, ...]:
-    """Every endpoint of one service port across all of the service's slices.
-
-    Only the first address of each slice endpoint counts (Kubernetes treats the rest as
-    interchangeable). FQDN slices are skipped unless `include_fqdn`, in which case their hostnames
-    stand in for IPs; that is only useful for display.
-    """
-    found: dict[tuple[str, int], Endpoint] = {}
-    for slice_ in sorted(slices, key=lambda s: s.key):
-        if slice_.service != port_name.service:
-            continue
-        if slice_.address_type is AddressType.FQDN and not include_fqdn:
-            continue
-        for slice_port in slice_.ports:
-            if slice_port.name != port_name.port or slice_port.protocol != protocol:
-                continue
-            for ep in slice_.endpoints:
-                candidate = Endpoint(
-                    ip=ep.addresses[0],
-                    port=slice_port.port,
-                    ready=ep.ready,
-                    serving=ep.serving,
-                    terminating=ep.terminating,
-                    node_name=ep.node_name,
-                    zone=ep.zone,
-                )
-                # The same address can sit in two slices while they are being rebalanced; the
-                # healthier report wins, like kube-proxy's slice cache.
-                known = found.get(candidate.address)
-                if known is None or _rank(candidate) > _rank(known):
-                    found[candidate.address] = candidate
-    return tuple(sorted(found.values(), key=lambda e: (_ip_sort_key(e.ip), e.port)))
-
-
-def select_endpoints(endpoints: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
-    """The endpoints traffic goes to: the ready ones, else the serving terminating ones."""
-    ready = tuple(e for e in endpoints if e.ready)
-    if ready:
-        return ready
-    return tuple(e for e in endpoints if e.serving and e.terminating)

@@ -192,7 +192,8 @@ def _service_port(spec: dict[str, Any]) -> Any:
 async def _drive(args: argparse.Namespace) -> None:
     import structlog
 
-    from uproxy.kernel.netfilter import open_backend
+    from uproxy.kernel.conntrack import flush_udp_flows
+    from uproxy.kernel.detect import open_backend, physdev_supported
     from uproxy.proxier.netfilter_portals import NetfilterPortals
     from uproxy.proxier.portals import Portal
 
@@ -202,6 +203,9 @@ async def _drive(args: argparse.Namespace) -> None:
         bind_address=args.bind_address,
         nodeport_addresses=[c for c in args.nodeport_addresses.split(",") if c],
         resync_period=args.resync,
+        conntrack=flush_udp_flows,
+        physdev=physdev_supported(),
+        other_backends=[],
     )
     listeners = _Listeners(args.bind_address)
     current: dict[Any, Portal] = {}

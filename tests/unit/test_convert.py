@@ -16,10 +16,9 @@ from uproxy.convert import (
     convert_endpoint_slice,
     convert_object,
     convert_service,
-    endpoints_for_port,
-    select_endpoints,
     service_skip_reason,
 )
+from uproxy.endpoints import categorize_endpoints, endpoints_for_port
 from uproxy.errors import ConversionError
 from uproxy.model import (
     AddressType,
@@ -595,128 +594,12 @@ def test_convert_object_raises_conversion_errors() -> None:
         convert_object(service(ports=[{"port": "abc"}]))
 
 
-# --- endpoints_for_port and select_endpoints --------------------------------------------------
-
 WEB_HTTP = ServicePortName("prod", "web", "http")
+CLUSTER_SERVICE = ServicePort(WEB_HTTP, Protocol.TCP, 80, cluster_ips=("10.96.0.10",))
 
 
-def make_slice(
-    name: str,
-    ports: list[tuple[str, int, Protocol]],
-    endpoints: list[SliceEndpoint],
-    *,
-    service_name: str = "web",
-    address_type: AddressType = AddressType.IPV4,
-) -> EndpointSlice:
-    return EndpointSlice(
-        key=ObjectKey("prod", name),
-        service=ObjectKey("prod", service_name),
-        address_type=address_type,
-        ports=tuple(SlicePort(*p) for p in ports),
-        endpoints=tuple(endpoints),
-    )
-
-
-def test_endpoints_merged_across_slices_and_sorted() -> None:
-    a = make_slice("web-a", [("http", 8080, Protocol.TCP)], [SliceEndpoint(("10.0.0.10",))])
-    b = make_slice(
-        "web-b",
-        [("http", 8080, Protocol.TCP)],
-        [SliceEndpoint(("10.0.0.9",)), SliceEndpoint(("10.0.0.2", "10.0.0.3"))],
-    )
-    result = endpoints_for_port([a, b], WEB_HTTP, Protocol.TCP)
-    assert [str(e) for e in result] == ["10.0.0.2:8080", "10.0.0.9:8080", "10.0.0.10:8080"]
-
-
-def test_endpoints_matched_by_port_name_and_protocol() -> None:
-    s = make_slice(
-        "web-a",
-        [
-            ("http", 8080, Protocol.TCP),
-            ("http", 8053, Protocol.UDP),
-            ("metrics", 9090, Protocol.TCP),
-            ("", 7000, Protocol.TCP),
-        ],
-        [SliceEndpoint(("10.0.0.1",))],
-    )
-    assert [e.port for e in endpoints_for_port([s], WEB_HTTP, Protocol.TCP)] == [8080]
-    assert [e.port for e in endpoints_for_port([s], WEB_HTTP, Protocol.UDP)] == [8053]
-    unnamed = ServicePortName("prod", "web", "")
-    assert [e.port for e in endpoints_for_port([s], unnamed, Protocol.TCP)] == [7000]
-    missing = ServicePortName("prod", "web", "grpc")
-    assert endpoints_for_port([s], missing, Protocol.TCP) == ()
-
-
-def test_endpoints_only_from_the_services_slices() -> None:
-    mine = make_slice("web-a", [("http", 80, Protocol.TCP)], [SliceEndpoint(("10.0.0.1",))])
-    other = make_slice(
-        "api-a", [("http", 80, Protocol.TCP)], [SliceEndpoint(("10.0.0.2",))], service_name="api"
-    )
-    assert [e.ip for e in endpoints_for_port([mine, other], WEB_HTTP, Protocol.TCP)] == ["10.0.0.1"]
-
-
-def test_endpoint_fields_carried_over() -> None:
-    ep = SliceEndpoint(("10.0.0.1",), False, True, True, "node-a", "z1")
-    s = make_slice("web-a", [("http", 80, Protocol.TCP)], [ep])
-    assert endpoints_for_port([s], WEB_HTTP, Protocol.TCP) == (
-        Endpoint("10.0.0.1", 80, False, True, True, "node-a", "z1"),
-    )
-
-
-def test_duplicate_endpoints_keep_the_healthiest() -> None:
-    sick = make_slice(
-        "web-a", [("http", 80, Protocol.TCP)], [SliceEndpoint(("10.0.0.1",), ready=False)]
-    )
-    well = make_slice("web-b", [("http", 80, Protocol.TCP)], [SliceEndpoint(("10.0.0.1",))])
-    for order in ([sick, well], [well, sick]):
-        result = endpoints_for_port(order, WEB_HTTP, Protocol.TCP)
-        assert len(result) == 1 and result[0].ready
-
-
-def test_fqdn_slices_skipped_unless_asked() -> None:
-    s = make_slice(
-        "web-a",
-        [("http", 80, Protocol.TCP)],
-        [SliceEndpoint(("web-1",))],
-        address_type=AddressType.FQDN,
-    )
-    assert endpoints_for_port([s], WEB_HTTP, Protocol.TCP) == ()
-    shown = endpoints_for_port([s], WEB_HTTP, Protocol.TCP, include_fqdn=True)
-    assert [str(e) for e in shown] == ["web-1:80"]
-
-
-def test_ipv4_sorted_before_ipv6() -> None:
-    v6 = make_slice(
-        "web-6",
-        [("http", 80, Protocol.TCP)],
-        [SliceEndpoint(("fd00::1",))],
-        address_type=AddressType.IPV6,
-    )
-    v4 = make_slice("web-4", [("http", 80, Protocol.TCP)], [SliceEndpoint(("10.0.0.1",))])
-    assert [e.ip for e in endpoints_for_port([v6, v4], WEB_HTTP, Protocol.TCP)] == [
-        "10.0.0.1",
-        "fd00::1",
-    ]
-
-
-def ep(ip: str, *, ready: bool, serving: bool, terminating: bool) -> Endpoint:
-    return Endpoint(ip, 80, ready=ready, serving=serving, terminating=terminating)
-
-
-def test_select_ready_endpoints() -> None:
-    ready = ep("10.0.0.1", ready=True, serving=True, terminating=False)
-    draining = ep("10.0.0.2", ready=False, serving=True, terminating=True)
-    dead = ep("10.0.0.3", ready=False, serving=False, terminating=False)
-    assert select_endpoints([ready, draining, dead]) == (ready,)
-
-
-def test_select_falls_back_to_serving_terminating() -> None:
-    draining = ep("10.0.0.2", ready=False, serving=True, terminating=True)
-    stopped = ep("10.0.0.3", ready=False, serving=False, terminating=True)
-    starting = ep("10.0.0.4", ready=False, serving=True, terminating=False)
-    assert select_endpoints([draining, stopped, starting]) == (draining,)
-    assert select_endpoints([stopped, starting]) == ()
-    assert select_endpoints([]) == ()
+def cluster_choice(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    return categorize_endpoints(endpoints, CLUSTER_SERVICE, "node-a").cluster
 
 
 # --- properties -------------------------------------------------------------------------------
@@ -754,7 +637,7 @@ def test_slice_roundtrip_property(
     assert all(e.port == port for e in result)
     keys = [int(ipaddress.ip_address(e.ip)) for e in result]
     assert keys == sorted(keys)
-    chosen = select_endpoints(result)
+    chosen = cluster_choice(result)
     assert set(chosen) <= set(result)
     if any(e.ready for e in result):
         assert all(e.ready for e in chosen)

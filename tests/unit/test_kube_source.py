@@ -21,7 +21,7 @@ from kubernetes_asyncio.config import incluster_config
 from tests.kubeapi import KubeApiServer, make_endpoint_slice, make_service
 from tests.kubeconfig import kubeconfig_dict, make_tls, write_kubeconfig
 from uproxy.changes import ChangeTracker
-from uproxy.convert import endpoints_for_port
+from uproxy.endpoints import endpoints_for_port
 from uproxy.errors import SettingsError
 from uproxy.model import EndpointSlice, ObjectKey, Protocol, ServicePort, ServicePortName
 from uproxy.sources.kube import LABEL_SELECTOR, KubeSource, _Backoff

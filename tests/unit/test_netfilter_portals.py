@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from uproxy.cleanup import cleanup_everything
 from uproxy.errors import KernelError, SettingsError
-from uproxy.kernel import netfilter
+from uproxy.kernel import detect, netfilter
 from uproxy.kernel.conntrack import UdpFlow, UdpFlowMatch
 from uproxy.kernel.fake import FakeConntrack, FakeNetfilter
 from uproxy.kernel.netfilter import Jump, TableUpdate, parse_save, plan_jumps, save_quote
@@ -528,7 +529,7 @@ def fake_tools(monkeypatch: pytest.MonkeyPatch, outputs: dict[str, str]) -> None
     def quiet(argv: list[str]) -> str:
         return outputs.get(" ".join(argv), "")
 
-    monkeypatch.setattr(netfilter, "run_tool_quietly", quiet)
+    monkeypatch.setattr(detect, "run_tool_quietly", quiet)
 
 
 def test_detect_prefers_kubelet_hints(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -539,9 +540,9 @@ def test_detect_prefers_kubelet_hints(monkeypatch: pytest.MonkeyPatch) -> None:
             "iptables --version": "iptables v1.8.9 (nf_tables)",
         },
     )
-    assert netfilter.detect_backend() == "legacy"
+    assert detect.detect_backend() == "legacy"
     fake_tools(monkeypatch, {"iptables-nft-save -t mangle": ":KUBE-KUBELET-CANARY - [0:0]\n"})
-    assert netfilter.detect_backend() == "nft"
+    assert detect.detect_backend() == "nft"
 
 
 def test_detect_counts_rules_then_asks_iptables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -552,16 +553,18 @@ def test_detect_counts_rules_then_asks_iptables(monkeypatch: pytest.MonkeyPatch)
             "iptables --version": "v1.8.9 (nf_tables)",
         },
     )
-    assert netfilter.detect_backend() == "legacy"
+    assert detect.detect_backend() == "legacy"
     fake_tools(monkeypatch, {"iptables --version": "iptables v1.8.9 (legacy)"})
-    assert netfilter.detect_backend() == "legacy"
+    assert detect.detect_backend() == "legacy"
     fake_tools(monkeypatch, {"iptables --version": "iptables v1.8.9 (nf_tables)"})
-    assert netfilter.detect_backend() == "nft"
-    assert netfilter.detect_backend("legacy") == "legacy"
+    assert detect.detect_backend() == "nft"
+    assert detect.detect_backend("legacy") == "legacy"
 
 
 async def test_cleanup_everything_is_fine_without_any_tools(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(np, "find_tool", lambda name: None)
-    await np.cleanup_everything("auto")
+    monkeypatch.setattr(detect, "find_tool", lambda name: None)
+    assert detect.open_installed("nft") is None
+    assert detect.open_installed("legacy") is None
+    await cleanup_everything([])

@@ -97,8 +97,23 @@ async def test_internal_traffic_local_uses_only_this_nodes_endpoints() -> None:
     portals = FakePortals()
     p = proxier(portals)
     try:
-        await p.sync(state(web(internal_traffic_local=True), LOCAL_EP, REMOTE_EP))
+        await p.sync(state(web(internal_traffic_local=True, node_port=None), LOCAL_EP, REMOTE_EP))
         assert in_use(p) == {LOCAL_EP}
+    finally:
+        await p.shutdown(0)
+
+
+async def test_internal_local_external_cluster_sends_external_traffic_everywhere() -> None:
+    # kube-proxy: ClusterIP traffic stays on this node, NodePort traffic reaches every endpoint.
+    portals = FakePortals()
+    p = proxier(portals)
+    try:
+        await p.sync(state(web(internal_traffic_local=True), LOCAL_EP, REMOTE_EP))
+        listeners = p._active[WEB]
+        assert set(listeners.listener.balancer.endpoints) == {LOCAL_EP}
+        assert listeners.external is not None
+        assert set(listeners.external.balancer.endpoints) == {LOCAL_EP, REMOTE_EP}
+        assert portals.installed[WEB].external_port == listeners.external.port
     finally:
         await p.shutdown(0)
 

@@ -19,7 +19,6 @@ in file order, each leaving the manifests as it found them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import json
@@ -376,7 +375,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             if world.uproxy is not None:
                 world.uproxy.stop(timeout=30)
             with contextlib.suppress(Exception):
-                asyncio.run(_cleanup())
+                uproxy_cleanup()
             run("ipvsadm", "-D", "-t", f"{FOREIGN_VIP}:80", check=False)
 
 
@@ -386,10 +385,16 @@ def _answers(ns: Namespace, ip: str) -> bool:
     return False
 
 
-async def _cleanup() -> None:
-    from uproxy.proxier.ipvs import cleanup_ipvs
-
-    await cleanup_ipvs()
+def uproxy_cleanup() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "uproxy", "cleanup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def dests_of(vip: str, table: dict[tuple[str, str, int], IpvsService]) -> dict[str, int]:
@@ -610,21 +615,7 @@ def test_kernel_forwards_without_uproxy_and_cleanup_leaves_only_foreign_state(
     assert not problems, problems
     # uproxy is gone; the kernel still forwards (no byte ever went through Python).
     assert hello(world.client, WEB_VIP, 80)[0] in ("b1", "b2")
-    cli = (REPO / "uproxy" / "cli.py").read_text()
-    if "cleanup_ipvs" in cli:
-        proc = subprocess.run(
-            [sys.executable, "-m", "uproxy", "cleanup"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    else:
-        # `uproxy cleanup` does not call cleanup_ipvs yet: exercise the function it will call.
-        print("uproxy/cli.py does not call cleanup_ipvs yet; calling it directly")
-        asyncio.run(_cleanup())
+    uproxy_cleanup()
     table = ipvsadm()
     assert set(table) == {("TCP", FOREIGN_VIP, 80)}, run("ipvsadm", "-Ln")
     assert table[("TCP", FOREIGN_VIP, 80)].dests == {(BACKENDS["b3"], 8080): ("Masq", 1, 0, 0)}

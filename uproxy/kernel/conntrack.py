@@ -127,13 +127,26 @@ def delete_udp_flows(matches: Sequence[UdpFlowMatch]) -> int:
         loop.close()
 
 
-async def flush_udp_flows(matches: Sequence[UdpFlowMatch]) -> int:
-    """`delete_udp_flows` off the event loop. Best effort: a failure is logged, never raised,
-    because stale flows expire on their own and must not fail a sync."""
+BlockingRunner = Callable[
+    [Callable[[Sequence[UdpFlowMatch]], int], Sequence[UdpFlowMatch]], Awaitable[int]
+]
+
+
+async def _to_thread(
+    func: Callable[[Sequence[UdpFlowMatch]], int], arg: Sequence[UdpFlowMatch]
+) -> int:
+    return await asyncio.to_thread(func, arg)
+
+
+async def flush_udp_flows(
+    matches: Sequence[UdpFlowMatch], run_blocking: BlockingRunner = _to_thread
+) -> int:
+    """`delete_udp_flows` off the event loop (on `run_blocking`'s thread). Best effort: a failure
+    is logged, never raised, because stale flows expire on their own and must not fail a sync."""
     if not matches:
         return 0
     try:
-        deleted = await asyncio.to_thread(delete_udp_flows, matches)
+        deleted = await run_blocking(delete_udp_flows, matches)
     except KernelError as exc:
         log.warning("conntrack_flush_failed", error=str(exc), matches=len(matches))
         return 0

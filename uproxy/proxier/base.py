@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uproxy.dataplane.stats import PortStats
-from uproxy.model import Endpoint, ProxyState, ServicePort
+from uproxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
+
+# The service ports whose Service or endpoints changed since the previous successful sync, or
+# None: anything may have changed (the first sync, the periodic full sync, after a failure).
+Changed = frozenset[ServicePortName] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +28,12 @@ class PortView:
 
 
 class Proxier(Protocol):
-    async def sync(self, state: ProxyState) -> None:
+    async def sync(self, state: ProxyState, changed: Changed = None) -> None:
         """Converge to `state`. Level-triggered and idempotent; raises on a failed sync, which the
-        runner retries. Must leave whatever was already working in place when it fails."""
+        runner retries. Must leave whatever was already working in place when it fails.
+
+        `changed` lets a sync do work proportional to the change: only those service ports can
+        differ from the previous sync's `state`. None asks for a full pass over everything."""
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, give open connections up to `grace` seconds, then close everything."""

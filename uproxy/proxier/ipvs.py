@@ -59,7 +59,7 @@ import structlog
 
 from uproxy.dataplane.stats import PortStats
 from uproxy.errors import KernelError
-from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch, delete_udp_flows
+from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
 from uproxy.kernel.ipvs import (
     DUMMY_INTERFACE,
     PROC_IPVS,
@@ -68,7 +68,6 @@ from uproxy.kernel.ipvs import (
     Ipvs,
     IpvsError,
     IpvsHost,
-    NetlinkIpvs,
     RealServer,
     ServiceInfo,
     VirtualServer,
@@ -95,7 +94,6 @@ from uproxy.proxier.ipvs_desired import (
     nodeport_ips,
 )
 from uproxy.proxier.ipvs_owned import OwnedServers
-from uproxy.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -159,7 +157,7 @@ class IpvsProxier:
         strict_arp: bool = False,
         resync_period: float = 30.0,
         state_file: Path | None = STATE_FILE,
-        conntrack: UdpFlowCleaner | None = None,
+        conntrack: UdpFlowCleaner,
         clock: Callable[[], float] = time.monotonic,
         housekeeping_interval: float | None = 1.0,
         stats_period: float = 10.0,
@@ -177,7 +175,7 @@ class IpvsProxier:
         self._strict_arp = strict_arp
         self._resync_period = resync_period
         self._journal = OwnedServers(state_file)
-        self._conntrack = conntrack or self._flush_conntrack
+        self._conntrack = conntrack
         self._clock = clock
         self._interval = housekeeping_interval
         self._stats_period = stats_period
@@ -577,17 +575,6 @@ class IpvsProxier:
         if matches:
             await self._conntrack(sorted(set(matches), key=lambda m: (m.ip or "", m.port)))
 
-    async def _flush_conntrack(self, matches: Sequence[UdpFlowMatch]) -> int:
-        """Best effort, like the portals: stale UDP flows expire on their own eventually."""
-        try:
-            deleted = await self._worker.run(delete_udp_flows, matches)
-        except KernelError as exc:
-            log.warning("conntrack_flush_failed", error=str(exc), matches=len(matches))
-            return 0
-        if deleted:
-            log.info("conntrack_flushed", deleted=deleted, matches=len(matches))
-        return deleted
-
     def _rebuild_views(self) -> None:
         by_owner: dict[ServicePortName, list[DesiredServer]] = {}
         for server in self._desired.servers.values():
@@ -678,42 +665,15 @@ def cleanup_blocking(
         _delete_own_chains(nf)
 
 
-def _cleanup_backends() -> list[Netfilter]:
-    from uproxy.kernel.netfilter import ToolMissing, open_backend
-
-    backends: list[Netfilter] = []
-    for name in ("nft", "legacy"):
-        with contextlib.suppress(ToolMissing):
-            backends.append(open_backend(name))
-    return backends
-
-
-async def cleanup_ipvs(state_file: Path = STATE_FILE) -> None:
+async def cleanup_ipvs(
+    worker: Worker, ipvs: Ipvs | None, host: IpvsHost, journal: OwnedServers
+) -> None:
     """What `uproxy cleanup` does for IPVS mode: remove uproxy's virtual servers (those on
-    uproxy-ipvs0's addresses or on record), uproxy-ipvs0 and the UPROXY-IPVS-* chains of both
-    iptables backends. Every other virtual server survives. Idempotent; fine when the kernel has
-    no IPVS (there is then nothing of it to remove). Raises KernelError if something remains."""
-    worker = Worker("uproxy-cleanup")
-    kernel = NetlinkIpvs(worker)
-    errors: list[str] = []
-    try:
-        # Without /proc/net/ip_vs there is no IPVS state, and opening the family would load it.
-        ipvs = kernel if PROC_IPVS.exists() else None
-        journal = OwnedServers(state_file)
-        try:
-            await worker.run(cleanup_blocking, ipvs, kernel, journal, None)
-        except KernelError as exc:
-            errors.append(str(exc))
-        for nf in await asyncio.to_thread(_cleanup_backends):
-            try:
-                await worker.run(_delete_own_chains, nf)
-            except KernelError as exc:
-                # e.g. a backend whose tables the kernel cannot load: nothing of ours is there.
-                log.info("ipvs_cleanup_netfilter_skipped", backend=nf.backend, error=str(exc))
-    finally:
-        await asyncio.to_thread(worker.close)
-    if errors:
-        raise KernelError("; ".join(errors))
+    uproxy-ipvs0's addresses or on record), uproxy-ipvs0 and the record; every other virtual
+    server survives. `ipvs` None: the kernel has no IPVS, so there is nothing of it to remove.
+    The UPROXY-IPVS-* chains go with the sweep of every UPROXY-* chain. Idempotent; raises
+    KernelError if something remains."""
+    await worker.run(cleanup_blocking, ipvs, host, journal, None)
     log.info("ipvs_cleanup_done")
 
 
@@ -743,37 +703,3 @@ def check_capabilities(kernel: Capabilities, scheduler: str) -> None:
             f"load it with 'modprobe ip_vs_{scheduler}' or choose another --ipvs-scheduler "
             "(rr is the default)"
         )
-
-
-def build_ipvs_proxier(settings: Settings) -> IpvsProxier:
-    """IPVS mode with the real kernel; KernelError at once when the kernel cannot do it."""
-    worker = Worker()
-    try:
-        kernel = NetlinkIpvs(worker)
-        check_capabilities(kernel, settings.ipvs_scheduler)
-        from uproxy.kernel.netfilter import build_netfilter
-
-        netfilter = build_netfilter(settings.iptables_backend)
-    except BaseException:
-        worker.close()
-        raise
-    log.info(
-        "ipvs_mode",
-        scheduler=settings.ipvs_scheduler,
-        graceful_period=settings.ipvs_graceful_period,
-        strict_arp=settings.ipvs_strict_arp,
-        interface=DUMMY_INTERFACE,
-    )
-    return IpvsProxier(
-        ipvs=kernel,
-        host=kernel,
-        netfilter=netfilter,
-        worker=worker,
-        scheduler=settings.ipvs_scheduler,
-        graceful_period=settings.ipvs_graceful_period,
-        node_name=settings.hostname,
-        nodeport_addresses=settings.nodeport_addresses,
-        strict_arp=settings.ipvs_strict_arp,
-        resync_period=settings.sync_period,
-        cleanup_on_exit=settings.cleanup_on_exit,
-    )

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from uproxy.convert import select_endpoints
+from uproxy.endpoints import categorize_endpoints
 from uproxy.kernel.ipvs import (
     RealServer,
     ServiceConfig,
@@ -132,10 +132,8 @@ def compute_desired(
 
     for name in sorted(state.services):
         svc = state.services[name]
-        usable = select_endpoints(state.endpoints.get(name, ()))
-        local = tuple(e for e in usable if e.node_name == node_name)
-        internal = local if svc.internal_traffic_local else usable
-        external = local if svc.external_traffic_local else usable
+        chosen = categorize_endpoints(state.endpoints.get(name, ()), svc, node_name)
+        internal, external = chosen.internal, chosen.external
         for text in svc.cluster_ips:
             if (ip := normal_ip(text)) is not None:
                 add(VirtualServer(svc.protocol, ip, svc.port), svc, Kind.CLUSTER, internal)

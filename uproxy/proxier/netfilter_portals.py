@@ -42,36 +42,28 @@ outside uproxy's chains alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
 
 import structlog
 
 from uproxy.errors import KernelError, SettingsError
-from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch, flush_udp_flows
+from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
 from uproxy.kernel.netfilter import (
-    BackendChoice,
     BackendName,
     Jump,
-    LegacyNetfilter,
     Netfilter,
-    NftNetfilter,
     TableUpdate,
-    ToolMissing,
-    find_tool,
     normalize_cidr,
-    physdev_supported,
-    run_tool_quietly,
     save_quote,
 )
 from uproxy.model import Protocol, ServicePortName
 from uproxy.proxier.portals import Portal
+from uproxy.threads import in_thread
 
 log = structlog.get_logger(__name__)
 
@@ -101,8 +93,6 @@ GUARD_RULES = (
 
 _COMMENT_JUNK = re.compile(r"[^A-Za-z0-9._:/-]")
 
-P = ParamSpec("P")
-T = TypeVar("T")
 RuleKey = tuple[str, str, str]  # (table, chain, spec)
 DesiredChains = dict[str, dict[str, list[str]]]  # table -> chain -> specs
 
@@ -344,18 +334,6 @@ def udp_destinations(portals: Mapping[ServicePortName, Portal]) -> dict[UdpFlowM
 # -- the stateful part: converging the kernel ------------------------------------------------
 
 
-async def in_thread(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Blocking kernel work in a worker thread. A cancelled caller still waits for it to end, so
-    whatever runs next (cleanup at exit) never races a write that is still in flight."""
-    work = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await work
-        raise
-
-
 @dataclass
 class _Stats:
     added: int = 0
@@ -378,13 +356,13 @@ class NetfilterPortals:
         bind_address: str = "0.0.0.0",
         nodeport_addresses: Sequence[str] = (),
         resync_period: float = 30.0,
-        conntrack: UdpFlowCleaner = flush_udp_flows,
-        physdev: bool | None = None,
-        other_backends: Sequence[Netfilter] | None = None,
+        conntrack: UdpFlowCleaner,
+        physdev: bool,
+        other_backends: Sequence[Netfilter],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._nf = netfilter
-        self._ctx = rule_context(bind_address, physdev_supported() if physdev is None else physdev)
+        self._ctx = rule_context(bind_address, physdev)
         self._jumps = ruleset_jumps(nodeport_addresses)
         self._resync_period = resync_period
         self._conntrack = conntrack
@@ -543,8 +521,7 @@ class NetfilterPortals:
 
     def _clean_others(self) -> None:
         """A previous run on the other backend would still steer traffic to dead ports."""
-        others = self._others if self._others is not None else _real_others(self._nf.backend)
-        for other in others:
+        for other in self._others:
             try:
                 other.delete_everything()
             except KernelError as exc:
@@ -563,50 +540,3 @@ class NetfilterPortals:
         self._udp = new
         if changed:
             await self._conntrack(sorted(changed, key=lambda m: (m.ip or "", m.port)))
-
-
-def _other_name(backend: BackendName) -> BackendName:
-    return "legacy" if backend == "nft" else "nft"
-
-
-def _real_others(backend: BackendName) -> list[Netfilter]:
-    name = _other_name(backend)
-    prefix = f"iptables-{name}"
-    if find_tool(f"{prefix}-save") is None or find_tool(f"{prefix}-restore") is None:
-        return []
-    # Look before opening: the legacy backend loads python-iptables (about 20 MB resident for
-    # the life of the process), which an nft host with nothing of uproxy's in legacy never needs.
-    if "UPROXY-" not in run_tool_quietly([f"{prefix}-save"]):
-        return []
-    return [NftNetfilter() if name == "nft" else LegacyNetfilter()]
-
-
-def _backend_for_cleanup(name: BackendName) -> Netfilter | None:
-    prefix = f"iptables-{name}"
-    if find_tool(f"{prefix}-save") is None:
-        return None
-    return NftNetfilter() if name == "nft" else LegacyNetfilter()
-
-
-async def cleanup_everything(backend_choice: BackendChoice = "auto") -> None:
-    """What `uproxy cleanup` does: remove every chain and rule uproxy owns from both backends
-    (a previous run may have used either; the choice only orders the work). Idempotent; fine when
-    nothing exists or a backend's tools are missing. Raises KernelError if something remains."""
-    first: BackendName = "legacy" if backend_choice == "legacy" else "nft"
-    errors = []
-    for name in (first, _other_name(first)):
-        netfilter = _backend_for_cleanup(name)
-        if netfilter is None:
-            log.info("cleanup_skipped", backend=name, reason="tools not installed")
-            continue
-        try:
-            await in_thread(netfilter.delete_everything)
-        except ToolMissing as exc:
-            log.info("cleanup_skipped", backend=name, reason=str(exc))
-        except KernelError as exc:
-            log.error("cleanup_failed", backend=name, error=str(exc))
-            errors.append(f"{name}: {exc}")
-        else:
-            log.info("cleanup_done", backend=name)
-    if errors:
-        raise KernelError("; ".join(errors))

@@ -16,11 +16,11 @@ from dataclasses import dataclass, fields
 import structlog
 
 from uproxy.balancer import LoadBalancer
-from uproxy.convert import select_endpoints
 from uproxy.dataplane.sockopt import family_of
 from uproxy.dataplane.stats import PortStats
 from uproxy.dataplane.tcp import TcpListener, open_tcp_socket
 from uproxy.dataplane.udp import UdpListener, open_udp_socket
+from uproxy.endpoints import categorize_endpoints, external_endpoints_differ
 from uproxy.errors import UproxyError
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
 from uproxy.proxier.base import PortView
@@ -53,8 +53,9 @@ class _ServicePortState:
 
 
 def _needs_external_listener(service: ServicePort) -> bool:
-    has_external = bool(service.external_ips or service.load_balancer_ips or service.node_port)
-    return service.external_traffic_local and has_external
+    # A listener balances over one endpoint set; external traffic gets its own listener when
+    # its set differs from the ClusterIP traffic's.
+    return external_endpoints_differ(service)
 
 
 def _sum_stats(listeners: tuple[Listener, ...]) -> PortStats:
@@ -232,13 +233,11 @@ class UserspaceProxier:
 
     def _update_endpoints(self, state: _ServicePortState, endpoints: tuple[Endpoint, ...]) -> None:
         state.endpoints = endpoints
-        usable = select_endpoints(endpoints)
-        local = tuple(e for e in usable if e.node_name == self._node_name)
         service = state.service
-        cluster = local if service.internal_traffic_local else usable
-        self._balance(service, state.listener, cluster, "cluster")
+        chosen = categorize_endpoints(endpoints, service, self._node_name)
+        self._balance(service, state.listener, chosen.internal, "cluster")
         if state.external is not None:
-            self._balance(service, state.external, local, "external")
+            self._balance(service, state.external, chosen.external, "external")
 
     def _balance(
         self, service: ServicePort, listener: Listener, usable: tuple[Endpoint, ...], traffic: str
