@@ -75,7 +75,7 @@ from uproxy.kernel.ipvs import (
 )
 from uproxy.kernel.netfilter import Netfilter, TableUpdate, jump_target
 from uproxy.model import Protocol, ProxyState, ServicePortName
-from uproxy.proxier.base import PortView
+from uproxy.proxier.base import Changed, PortView
 from uproxy.proxier.ipvs_desired import (
     CHAIN_PREFIX,
     FILTER,
@@ -201,7 +201,7 @@ class IpvsProxier:
 
     # --- Proxier -------------------------------------------------------------------------------
 
-    async def sync(self, state: ProxyState) -> None:
+    async def sync(self, state: ProxyState, changed: Changed = None) -> None:
         async with self._lock:
             started = self._clock()
             node_ips: list[str] = []

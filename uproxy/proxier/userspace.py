@@ -23,7 +23,7 @@ from uproxy.dataplane.udp import UdpListener, open_udp_socket
 from uproxy.endpoints import categorize_endpoints, external_endpoints_differ
 from uproxy.errors import UproxyError
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
-from uproxy.proxier.base import PortView
+from uproxy.proxier.base import Changed, PortView
 from uproxy.proxier.portals import Portal, Portals
 
 log = structlog.get_logger(__name__)
@@ -117,7 +117,7 @@ class UserspaceProxier:
 
     # --- Proxier -------------------------------------------------------------------------------
 
-    async def sync(self, state: ProxyState) -> None:
+    async def sync(self, state: ProxyState, changed: Changed = None) -> None:
         for name in [n for n in self._active if n not in state.services]:
             self._retire(name, "service port removed")
         failed: list[str] = []
