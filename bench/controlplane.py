@@ -11,7 +11,10 @@ For each backend and size (1,000 and 10,000 service ports), in a fresh namespace
 Backends: `nft` and `legacy` time `NetfilterPortals.sync` (the userspace mode's portals: one
 ClusterIP rule and one proxy-port rule per service port); `ipvs` times `IpvsProxier.sync` (one
 virtual server with one real server per service port, its address on the dummy interface, and
-the masquerade rules), measured only when the kernel has IPVS.
+the masquerade rules), measured only when the kernel has IPVS. `pipeline` times the userspace
+mode's whole sync path on iptables-nft: the change tracker's snapshot plus
+`UserspaceProxier.sync` (N listeners, their portals), where one change is one service's endpoints
+changing and the proxier is told which service port changed, as `uproxy run` tells it.
 
 The parent runs one child per (backend, size, run) as `ip netns exec NS python -m
 bench.controlplane ...`, because python-iptables, the restore tools and netlink act on the
@@ -34,7 +37,7 @@ from typing import Any
 
 from bench import topology
 
-BACKENDS = ("nft", "legacy", "ipvs")
+BACKENDS = ("nft", "legacy", "ipvs", "pipeline")
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,75 @@ async def _child_ipvs(ports: int, changes: int, fake: bool) -> dict[str, Any]:
     }
 
 
+async def _child_pipeline(ports: int, changes: int) -> dict[str, Any]:
+    from uproxy.changes import ChangeTracker
+    from uproxy.dataplane.sockopt import raise_nofile_limit
+    from uproxy.kernel.detect import open_backend, physdev_supported
+    from uproxy.model import (
+        AddressType,
+        EndpointSlice,
+        ObjectKey,
+        Protocol,
+        ServicePort,
+        ServicePortName,
+        SliceEndpoint,
+        SlicePort,
+    )
+    from uproxy.proxier.netfilter_portals import NetfilterPortals
+    from uproxy.proxier.userspace import UserspaceProxier
+
+    raise_nofile_limit()  # one listener per service port
+
+    def endpoint_slice(i: int, generation: int) -> EndpointSlice:
+        backend = f"10.244.{i // 250}.{i % 250 + 1}"
+        return EndpointSlice(
+            key=ObjectKey("bench", f"svc-{i}-abc"),
+            service=ObjectKey("bench", f"svc-{i}"),
+            address_type=AddressType.IPV4,
+            ports=(SlicePort("http", 8080 + generation, Protocol.TCP),),
+            endpoints=(SliceEndpoint((backend,)),),
+        )
+
+    tracker = ChangeTracker(["bench"], on_change=lambda: None)
+    for i in range(ports):
+        name = ServicePortName("bench", f"svc-{i}", "http")
+        port = ServicePort(name, Protocol.TCP, 80, cluster_ips=(_vip(i),))
+        tracker.service_updated(name.service, (port,))
+        tracker.slice_updated(endpoint_slice(i, 0))
+    tracker.source_synced("bench")
+    portals = NetfilterPortals(
+        open_backend("nft"),
+        resync_period=1e9,
+        conntrack=_noop_conntrack,
+        physdev=physdev_supported(),
+        other_backends=[],
+    )
+    proxier = UserspaceProxier(
+        bind_address="0.0.0.0",
+        port_range=None,
+        node_name="bench",
+        udp_timeout=0.25,
+        udp_max_sessions=10,
+        portals=portals,
+    )
+    try:
+        await portals.flush_at_start()
+        t0 = time.perf_counter()
+        await proxier.sync(tracker.snapshot().state, None)
+        full = time.perf_counter() - t0
+        times = []
+        for k in range(changes):
+            tracker.slice_updated(endpoint_slice(k * 97 % ports, k + 1))
+            t0 = time.perf_counter()
+            snapshot = tracker.snapshot()
+            await proxier.sync(snapshot.state, snapshot.changed_ports)
+            times.append(time.perf_counter() - t0)
+        checked = len(proxier.view()) == ports
+    finally:
+        await proxier.shutdown(0)
+    return {"full_sync_s": full, "resync_s": None, "changes_s": times, "rules_checked": checked}
+
+
 def _verify(backend: str, ports: int, added: Sequence[tuple[str, str, int]]) -> tuple[bool, int]:
     """Outside the timings: the kernel really has the rules, all N and each change. Read with
     the save tool, as an admin would, rather than through uproxy's own reading code."""
@@ -223,6 +295,8 @@ def child_main(argv: Sequence[str]) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     if args.backend == "ipvs":
         result = asyncio.run(_child_ipvs(args.ports, args.changes, args.fake_ipvs))
+    elif args.backend == "pipeline":
+        result = asyncio.run(_child_pipeline(args.ports, args.changes))
     else:
         result = asyncio.run(_child(args.backend, args.ports, args.changes))
         added = result.pop("added")
@@ -243,6 +317,8 @@ def backend_note(backend: str) -> str:
         if not Path("/proc/net/ip_vs").exists():
             return "the kernel has no IPVS (/proc/net/ip_vs absent, CONFIG_IP_VS unset)"
         backend = "nft"  # IPVS mode's masquerade rules go through iptables-nft
+    if backend == "pipeline":
+        backend = "nft"
     prefix = "iptables-nft" if backend == "nft" else "iptables-legacy"
     for tool in (f"{prefix}-save", f"{prefix}-restore"):
         if find_tool(tool) is None:
@@ -298,7 +374,7 @@ def _one(
         size,
         run,
         full_sync_s=float(data["full_sync_s"]),
-        resync_s=float(data["resync_s"]),
+        resync_s=None if data["resync_s"] is None else float(data["resync_s"]),
         change_s=_median(changes_s) if changes_s else None,
         changes_s=changes_s,
         rules_checked=bool(data["rules_checked"]),

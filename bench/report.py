@@ -19,7 +19,12 @@ from bench.stats import Spread
 
 DASH = "\u2013"  # between min and max; an escape keeps ruff from flagging the en dash
 SUBJECT = "uproxy-uvloop"  # whose targets are checked
-CP_LABEL = {"nft": "iptables-nft", "legacy": "iptables-legacy", "ipvs": "IPVS"}
+CP_LABEL = {
+    "nft": "iptables-nft",
+    "legacy": "iptables-legacy",
+    "ipvs": "IPVS",
+    "pipeline": "userspace mode, whole sync (nft)",
+}
 
 
 @dataclass

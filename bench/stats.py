@@ -126,7 +126,12 @@ def reference_for(figure: str) -> str:
     return FIGURE[figure].reference if figure in FIGURE else "haproxy"
 
 
-CP_NAMES = {"nft": "iptables-nft", "legacy": "iptables-legacy", "ipvs": "IPVS"}
+CP_NAMES = {
+    "nft": "iptables-nft",
+    "legacy": "iptables-legacy",
+    "ipvs": "IPVS",
+    "pipeline": "userspace mode, whole sync",
+}
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,8 @@ class App:
             self.metrics,
             self.proxier.view,
         )
+        self._full_sync_due = True
+        self._last_full_sync = float("-inf")
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
 
@@ -175,12 +177,21 @@ class App:
             return  # a partial view would remove services that simply have not arrived yet
         snapshot = self.tracker.snapshot()
         started = time.monotonic()
+        # The safety net: after a failure, and once per --sync-period, the proxier looks at
+        # everything instead of only what changed.
+        full = (
+            self._full_sync_due or started - self._last_full_sync >= 0.9 * self.settings.sync_period
+        )
+        self._full_sync_due = True  # until this sync has succeeded
         try:
-            await self.proxier.sync(snapshot.state)
+            await self.proxier.sync(snapshot.state, None if full else snapshot.changed_ports)
         except Exception:
             self.health.sync_failed()
             self.metrics.sync_failures.set(self.runner.consecutive_failures + 1)
             raise
+        self._full_sync_due = False
+        if full:
+            self._last_full_sync = started
         finished = time.monotonic()
         self.health.sync_succeeded(self.tracker.oldest_change if self.tracker.pending else None)
         self._record(snapshot.state, finished - started, snapshot.oldest_change, finished)
@@ -190,6 +201,7 @@ class App:
             service_ports=len(snapshot.state.services),
             endpoints=sum(len(e) for e in snapshot.state.endpoints.values()),
             changed_services=len(snapshot.changed),
+            full=full,
         )
 
     def _record(

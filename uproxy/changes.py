@@ -29,6 +29,8 @@ class Snapshot:
     state: ProxyState
     # The services whose ports or endpoints changed since the previous snapshot.
     changed: frozenset[ObjectKey]
+    # Their service ports, as they were and as they are: what a sync has to look at.
+    changed_ports: frozenset[ServicePortName]
     # When the oldest change in this snapshot arrived (monotonic), for programming latency.
     oldest_change: float | None
 
@@ -53,6 +55,9 @@ class ChangeTracker:
         self._dirty_endpoints: set[ObjectKey] = set()
         self._endpoints: dict[ObjectKey, dict[ServicePortName, tuple[Endpoint, ...]]] = {}
         self._oldest_change: float | None = None
+        # Every service port and its endpoints, kept flat as changes come in.
+        self._flat_services: dict[ServicePortName, ServicePort] = {}
+        self._flat_endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
 
     # --- ConfigHandler -------------------------------------------------------------------------
 
@@ -104,18 +109,29 @@ class ChangeTracker:
 
     def snapshot(self) -> Snapshot:
         changed = {key for key, old in self._pending_services.items() if old != self._ports(key)}
+        changed_ports: set[ServicePortName] = set()
+        for key in changed:
+            changed_ports.update(p.name for p in self._pending_services[key] or ())
+            self._flatten_service(key)
         for service in self._dirty_endpoints | changed:
-            if self._refresh_endpoints(service):
+            names = self._refresh_endpoints(service)
+            if names:
                 changed.add(service)
-        services = {port.name: port for ports in self._services.values() for port in ports}
-        endpoints = {name: eps for per in self._endpoints.values() for name, eps in per.items()}
+                changed_ports |= names
+        for service in changed:
+            changed_ports.update(p.name for p in self._services.get(service, ()))
         oldest = self._oldest_change
         self._pending_services.clear()
         self._dirty_endpoints.clear()
         self._oldest_change = None
+        # Copies, so the snapshot never changes under a sync: C-speed, where rebuilding from
+        # the per-service maps was the bulk of a one-change sync's Python time.
         return Snapshot(
-            state=ProxyState(services=services, endpoints=endpoints),
+            state=ProxyState(
+                services=dict(self._flat_services), endpoints=dict(self._flat_endpoints)
+            ),
             changed=frozenset(changed),
+            changed_ports=frozenset(changed_ports),
             oldest_change=oldest,
         )
 
@@ -156,15 +172,27 @@ class ChangeTracker:
             if not keys:
                 del self._slices_by_service[endpoint_slice.service]
 
-    def _refresh_endpoints(self, service: ObjectKey) -> bool:
-        """Recompute the endpoints of every port of `service`; True when any of them changed."""
+    def _flatten_service(self, key: ObjectKey) -> None:
+        """Bring the flat service-port map in line with `key`'s ports."""
+        for port in self._pending_services[key] or ():
+            self._flat_services.pop(port.name, None)
+        for port in self._services.get(key, ()):
+            self._flat_services[port.name] = port
+
+    def _refresh_endpoints(self, service: ObjectKey) -> set[ServicePortName]:
+        """Recompute the endpoints of every port of `service`; the ports whose endpoints changed."""
         slices = [self._slices[k] for k in self._slices_by_service.get(service, ())]
         ports = self._services.get(service, ())
         fresh = {port.name: endpoints_for_port(slices, port.name, port.protocol) for port in ports}
-        if self._endpoints.get(service, {}) == fresh:
-            return False
+        current = self._endpoints.get(service, {})
+        if current == fresh:
+            return set()
+        names = {n for n in current.keys() | fresh.keys() if current.get(n) != fresh.get(n)}
+        for name in current:
+            self._flat_endpoints.pop(name, None)
+        self._flat_endpoints.update(fresh)
         if fresh:
             self._endpoints[service] = fresh
         else:
             self._endpoints.pop(service, None)
-        return True
+        return names

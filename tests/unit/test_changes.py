@@ -148,3 +148,51 @@ def test_oldest_change_time_is_reported_once() -> None:
     t.service_updated(WEB, web_ports(81))
     assert t.snapshot().oldest_change == 10.0
     assert t.snapshot().oldest_change is None
+
+
+API = ObjectKey("default", "api")
+API_HTTP = ServicePortName("default", "api", "http")
+
+
+def api_ports() -> tuple[ServicePort, ...]:
+    return (ServicePort(API_HTTP, Protocol.TCP, 80, cluster_ips=("10.96.0.11",)),)
+
+
+def test_changed_ports_name_only_what_changed() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.service_updated(API, api_ports())
+    t.slice_updated(web_slice("web-1", "10.1.0.1"))
+    first = t.snapshot()
+    assert first.changed_ports == {HTTP, API_HTTP}
+    t.slice_updated(web_slice("web-1", "10.1.0.1", "10.1.0.2"))
+    snap = t.snapshot()
+    assert snap.changed_ports == {HTTP}
+    assert [e.ip for e in snap.state.endpoints[HTTP]] == ["10.1.0.1", "10.1.0.2"]
+    assert snap.state.services.keys() == {HTTP, API_HTTP}
+
+
+def test_changed_ports_include_renamed_and_removed_ports() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports())
+    t.slice_updated(web_slice("web-1", "10.1.0.1"))
+    t.snapshot()
+    renamed = ServicePortName("default", "web", "https")
+    t.service_updated(WEB, (ServicePort(renamed, Protocol.TCP, 443, cluster_ips=("10.96.0.10",)),))
+    snap = t.snapshot()
+    assert snap.changed_ports == {HTTP, renamed}
+    assert snap.state.services.keys() == {renamed}
+    assert HTTP not in snap.state.endpoints
+    t.service_deleted(WEB)
+    snap = t.snapshot()
+    assert snap.changed_ports == {renamed}
+    assert snap.state.services == {} and snap.state.endpoints == {}
+
+
+def test_snapshots_are_not_changed_by_later_updates() -> None:
+    t = tracker()
+    t.service_updated(WEB, web_ports(80))
+    before = t.snapshot()
+    t.service_updated(WEB, web_ports(81))
+    t.snapshot()
+    assert before.state.services[HTTP].port == 80

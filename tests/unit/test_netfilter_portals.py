@@ -419,6 +419,33 @@ async def test_cleanup_removes_everything_owned_and_is_idempotent() -> None:
     assert_converged(fake, {WEB: portal(WEB, 40001)})
 
 
+async def test_a_sync_told_what_changed_converges_exactly_like_a_full_one() -> None:
+    portals, fake, clock = make()
+    names = [ServicePortName("ns", f"s{i}", "") for i in range(1, 50)]
+    many = {n: portal(n, 41000 + i, cluster_ips=(f"10.96.1.{i}",)) for i, n in enumerate(names)}
+    await portals.sync(many, None)
+    clock.now += 1
+    changed = dict(many)
+    changed[names[3]] = portal(names[3], 49999, cluster_ips=("10.96.1.200",))
+    del changed[names[4]]
+    added = ServicePortName("ns", "new", "")
+    changed[added] = portal(added, 48888, cluster_ips=("10.96.2.1",))
+    await portals.sync(changed, frozenset({names[3], names[4], added}))
+    assert_converged(fake, changed)
+
+
+async def test_udp_flows_of_a_changed_portal_go_when_told_what_changed() -> None:
+    conntrack = FakeConntrack()
+    portals, _, clock = make(conntrack=conntrack)
+    both = {WEB: portal(WEB, 40001), DNS: dns_portal(40053)}
+    await portals.sync(both, None)
+    kept = flow("10.96.0.10", 80)
+    conntrack.flows = [flow("10.96.0.53", 53, reply_sport=40053), kept]
+    clock.now += 1
+    await portals.sync({WEB: portal(WEB, 40001), DNS: dns_portal(40054)}, frozenset({DNS}))
+    assert conntrack.flows == [kept]
+
+
 # -- conntrack -----------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.proxier.base import Changed
 from uproxy.proxier.portals import Portal
 from uproxy.proxier.userspace import UserspaceProxier
 
@@ -24,7 +25,9 @@ class FakePortals:
     async def flush_at_start(self) -> None:
         self.installed = {}
 
-    async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
+    async def sync(
+        self, portals: Mapping[ServicePortName, Portal], changed: Changed = None
+    ) -> None:
         self.installed = dict(portals)
 
     async def cleanup(self) -> None:
@@ -158,5 +161,38 @@ async def test_terminating_endpoints_serve_only_when_none_is_ready() -> None:
         assert in_use(p) == {LOCAL_EP}
         await p.sync(state(web(), leaving))
         assert in_use(p) == {leaving}
+    finally:
+        await p.shutdown(0)
+
+
+API = ServicePortName("default", "api", "http")
+
+
+def api(**changes: object) -> ServicePort:
+    base = ServicePort(API, Protocol.TCP, 81, cluster_ips=("10.96.0.11",))
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+async def test_a_sync_told_what_changed_touches_only_those_ports() -> None:
+    portals = FakePortals()
+    p = proxier(portals)
+    try:
+        both = ProxyState(
+            services={WEB: web(), API: api()}, endpoints={WEB: (LOCAL_EP,), API: (LOCAL_EP,)}
+        )
+        await p.sync(both, None)
+        web_port = portals.installed[WEB].proxy_port
+        moved = ProxyState(
+            services={WEB: web(), API: api()}, endpoints={WEB: (REMOTE_EP,), API: (REMOTE_EP,)}
+        )
+        await p.sync(moved, frozenset({API}))
+        assert set(p._active[API].listener.balancer.endpoints) == {REMOTE_EP}
+        # WEB was not named: its listener is left exactly as it was.
+        assert set(p._active[WEB].listener.balancer.endpoints) == {LOCAL_EP}
+        assert portals.installed[WEB].proxy_port == web_port
+        only_web = ProxyState(services={WEB: web()}, endpoints={WEB: (REMOTE_EP,)})
+        await p.sync(only_web, frozenset({API, WEB}))
+        assert set(portals.installed) == {WEB}
+        assert set(p._active[WEB].listener.balancer.endpoints) == {REMOTE_EP}
     finally:
         await p.shutdown(0)

@@ -62,6 +62,7 @@ from uproxy.kernel.netfilter import (
     save_quote,
 )
 from uproxy.model import Protocol, ServicePortName
+from uproxy.proxier.base import Changed
 from uproxy.proxier.portals import Portal
 from uproxy.threads import in_thread
 
@@ -375,18 +376,24 @@ class NetfilterPortals:
         self._rendered: dict[ServicePortName, tuple[Portal, tuple[RuleKey, ...]]] = {}
         self._trusted = False
         self._last_full = float("-inf")
-        self._udp: dict[UdpFlowMatch, int] | None = None
+        # Each UDP portal's virtual destinations -> the proxy port they lead to; None when a
+        # previous run's flows may still point at its dead proxy ports.
+        self._udp: dict[ServicePortName, dict[UdpFlowMatch, int]] | None = None
         self._others_cleaned = False
 
     @property
     def backend(self) -> BackendName:
         return self._nf.backend
 
-    async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
+    async def sync(
+        self, portals: Mapping[ServicePortName, Portal], changed: Changed = None
+    ) -> None:
         async with self._lock:
             started = self._clock()
             trusted, self._trusted = self._trusted, False  # until this sync has succeeded
-            changes = self._render(portals)
+            changes = (
+                self._render(portals) if changed is None else self._render_some(portals, changed)
+            )
             due = started - self._last_full >= 0.9 * self._resync_period
             if not trusted or due:
                 stats = await self._full(trusted)
@@ -403,9 +410,9 @@ class NetfilterPortals:
                     self._last_full = started
                     mode = "full"
             self._trusted = True
-            await self._flush_udp(portals)
-            changed = stats.added or stats.removed
-            (log.info if changed else log.debug)(
+            await self._flush_udp(portals, changed)
+            wrote = stats.added or stats.removed
+            (log.info if wrote else log.debug)(
                 "portals_synced",
                 mode=mode,
                 backend=self._nf.backend,
@@ -457,6 +464,25 @@ class NetfilterPortals:
         if hits < len(old):  # some portal is gone
             changes += [(rules, ()) for name, (_, rules) in old.items() if name not in new]
         self._rendered = new
+        return changes
+
+    def _render_some(
+        self, portals: Mapping[ServicePortName, Portal], names: Iterable[ServicePortName]
+    ) -> list[Change]:
+        """`_render` for only `names`, the portals that can have changed: the rest stand."""
+        rendered = self._rendered
+        changes: list[Change] = []
+        for name in names:
+            portal = portals.get(name)
+            cached = rendered.get(name)
+            if portal is None:
+                if cached is not None:
+                    changes.append((cached[1], ()))
+                    del rendered[name]
+            elif cached is None or cached[0] != portal:
+                rules = portal_rules(name, portal, self._ctx)
+                changes.append((cached[1] if cached is not None else (), rules))
+                rendered[name] = (portal, rules)
         return changes
 
     async def _incremental(self, changes: Iterable[Change]) -> _Stats:
@@ -528,15 +554,39 @@ class NetfilterPortals:
                 log.warning("other_backend_cleanup_failed", backend=other.backend, error=str(exc))
         self._others_cleaned = True
 
-    async def _flush_udp(self, portals: Mapping[ServicePortName, Portal]) -> None:
+    async def _flush_udp(self, portals: Mapping[ServicePortName, Portal], changed: Changed) -> None:
         """Delete UDP flows whose portal appeared, vanished or now leads to another port: they
         keep the NAT decision of their first datagram for as long as the client keeps talking."""
-        new = udp_destinations(portals)
-        old = self._udp
-        if old is None:
-            changed = list(new)  # a previous run's flows point at its dead proxy ports
+        known = self._udp
+        if known is None or changed is None:
+            fresh = {name: udp_destinations({name: p}) for name, p in portals.items()}
+            fresh = {name: dests for name, dests in fresh.items() if dests}
+            if known is None:  # a previous run's flows point at its dead proxy ports
+                stale = [m for dests in fresh.values() for m in dests]
+            else:
+                stale = _moved(_flat(known), _flat(fresh))
+            self._udp = fresh
         else:
-            changed = [m for m in old.keys() | new.keys() if old.get(m) != new.get(m)]
-        self._udp = new
-        if changed:
-            await self._conntrack(sorted(changed, key=lambda m: (m.ip or "", m.port)))
+            stale = []
+            for name in changed:
+                before = known.pop(name, {})
+                portal = portals.get(name)
+                after = udp_destinations({name: portal}) if portal is not None else {}
+                if after:
+                    known[name] = after
+                stale += _moved(before, after)
+        if stale:
+            unique = set(stale)
+            await self._conntrack(sorted(unique, key=lambda m: (m.ip or "", m.port)))
+
+
+def _flat(
+    per_portal: Mapping[ServicePortName, Mapping[UdpFlowMatch, int]],
+) -> dict[UdpFlowMatch, int]:
+    return {m: port for dests in per_portal.values() for m, port in dests.items()}
+
+
+def _moved(
+    before: Mapping[UdpFlowMatch, int], after: Mapping[UdpFlowMatch, int]
+) -> list[UdpFlowMatch]:
+    return [m for m in before.keys() | after.keys() if before.get(m) != after.get(m)]

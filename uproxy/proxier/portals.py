@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from uproxy.model import ServicePort, ServicePortName
+from uproxy.proxier.base import Changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,13 @@ class Portals(Protocol):
         """Start clean: empty this implementation's own rules (proxy ports of an earlier run are
         dead). Idempotent."""
 
-    async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
+    async def sync(
+        self, portals: Mapping[ServicePortName, Portal], changed: Changed = None
+    ) -> None:
         """Converge the kernel to exactly these portals: add what is missing, remove what is stale,
         leave foreign rules alone. Idempotent. Raises KernelError when the kernel refuses; the
-        runner retries the whole sync."""
+        runner retries the whole sync. `changed`: only these portals can differ from the previous
+        call's (None: any of them)."""
 
     async def cleanup(self) -> None:
         """Remove everything this implementation ever installed. Idempotent."""
@@ -52,7 +56,9 @@ class NoPortals:
     async def flush_at_start(self) -> None:
         return None
 
-    async def sync(self, portals: Mapping[ServicePortName, Portal]) -> None:
+    async def sync(
+        self, portals: Mapping[ServicePortName, Portal], changed: Changed = None
+    ) -> None:
         return None
 
     async def cleanup(self) -> None:

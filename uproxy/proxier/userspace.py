@@ -111,6 +111,8 @@ class UserspaceProxier:
         self._portals = portals
         self._balancer_factory = balancer_factory
         self._active: dict[ServicePortName, _ServicePortState] = {}
+        # The portal of every active service port, kept up to date as ports change.
+        self._portals_wanted: dict[ServicePortName, Portal] = {}
         # Listeners of removed service ports whose connections are still finishing.
         self._retired: set[Listener] = set()
         self._reapers: set[asyncio.Task[None]] = set()
@@ -118,10 +120,18 @@ class UserspaceProxier:
     # --- Proxier -------------------------------------------------------------------------------
 
     async def sync(self, state: ProxyState, changed: Changed = None) -> None:
-        for name in [n for n in self._active if n not in state.services]:
-            self._retire(name, "service port removed")
+        # Removed ports first: they free their proxy ports for new ones.
+        if changed is None:
+            names = [n for n in self._active if n not in state.services] + list(state.services)
+        else:
+            names = sorted(changed, key=lambda n: n in state.services)
         failed: list[str] = []
-        for name, service in state.services.items():
+        for name in names:
+            service = state.services.get(name)
+            if service is None:
+                if name in self._active:
+                    self._retire(name, "service port removed")
+                continue
             current = self._active.get(name)
             if current is not None and current.service.protocol != service.protocol:
                 self._retire(name, "protocol changed")
@@ -137,7 +147,11 @@ class UserspaceProxier:
                 if current is None:
                     continue
             self._update_endpoints(current, state.endpoints.get(name, ()))
-        await self._portals.sync({name: s.portal() for name, s in self._active.items()})
+            self._portals_wanted[name] = current.portal()
+        for name in names:
+            if name not in self._active:
+                self._portals_wanted.pop(name, None)
+        await self._portals.sync(self._portals_wanted, changed)
         if failed:
             raise ListenerStartError("no listener for " + "; ".join(failed))
 
@@ -160,6 +174,7 @@ class UserspaceProxier:
         if self._reapers:
             await asyncio.gather(*self._reapers, return_exceptions=True)
         self._active.clear()
+        self._portals_wanted.clear()
         self._retired.clear()
         if left:
             log.warning("drain_incomplete", connections_reset=left)
