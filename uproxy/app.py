@@ -301,7 +301,7 @@ async def cleanup(iptables_backend: BackendChoice = "auto") -> None:
     from uproxy.cleanup import cleanup_everything
     from uproxy.kernel.detect import open_installed, other_backend
     from uproxy.kernel.ipvs import PROC_IPVS, NetlinkIpvs, Worker
-    from uproxy.proxier.ipvs import cleanup_ipvs
+    from uproxy.proxier.ipvs_cleanup import cleanup_ipvs
     from uproxy.proxier.ipvs_desired import STATE_FILE
     from uproxy.proxier.ipvs_owned import OwnedServers
 

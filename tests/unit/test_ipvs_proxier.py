@@ -26,7 +26,8 @@ from uproxy.kernel.ipvs import (
 from uproxy.kernel.ipvs_fake import FakeIpvs
 from uproxy.kernel.netfilter import Jump, TableUpdate
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
-from uproxy.proxier.ipvs import IpvsProxier, check_capabilities, cleanup_blocking
+from uproxy.proxier.ipvs import IpvsProxier, check_capabilities
+from uproxy.proxier.ipvs_cleanup import cleanup_blocking
 from uproxy.proxier.ipvs_desired import (
     LOCAL_CLIENT_RULE,
     POSTROUTING_CHAIN,

@@ -34,12 +34,9 @@ and the real servers of every virtual server whose desired state changed since t
 (of all of them on a full sync: the first, after a failure, and every --sync-period), diffs
 against the desired state and changes only the difference.
 
-Graceful termination: a removed TCP real server goes to weight 0 (no new connections, existing
-ones continue) and is deleted once the kernel tracks no active or inactive connection for it, or
-after --ipvs-graceful-period at the latest (kube-proxy waits without a bound, a known complaint).
-A removed TCP service drains the same way before its virtual server goes, keeping its address
-meanwhile. UDP real servers and services are deleted at once and their conntrack entries
-flushed, since UDP has no end a client would notice.
+Graceful termination (removed TCP real servers at weight 0 until drained) is in
+`ipvs_termination.py`; the desired state is computed in `ipvs_desired.py`, ownership recorded in
+`ipvs_owned.py`, and `ipvs_cleanup.py` removes it all.
 
 Every netlink call runs on one dedicated worker thread (`Worker`); the event loop only computes.
 """
@@ -48,10 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol as TypingProtocol
 
@@ -73,11 +69,11 @@ from uproxy.kernel.ipvs import (
     VirtualServer,
     Worker,
 )
-from uproxy.kernel.netfilter import Netfilter, TableUpdate, jump_target
+from uproxy.kernel.netfilter import Netfilter, TableUpdate
 from uproxy.model import Protocol, ProxyState, ServicePortName
 from uproxy.proxier.base import Changed, PortView
+from uproxy.proxier.ipvs_cleanup import cleanup_blocking
 from uproxy.proxier.ipvs_desired import (
-    CHAIN_PREFIX,
     FILTER,
     NAT,
     POSTROUTING_CHAIN,
@@ -94,42 +90,11 @@ from uproxy.proxier.ipvs_desired import (
     nodeport_ips,
 )
 from uproxy.proxier.ipvs_owned import OwnedServers
+from uproxy.proxier.ipvs_termination import IpvsChanges, Observed, Terminations
 
 log = structlog.get_logger(__name__)
 
 # -- the stateful part: converging the kernel -------------------------------------------------
-
-
-@dataclass
-class _Result:
-    services_added: int = 0
-    services_changed: int = 0
-    services_removed: int = 0
-    dests_added: int = 0
-    dests_quiesced: int = 0
-    dests_removed: int = 0
-    cut_short: int = 0  # connections still open when the graceful period ran out
-    addresses_added: int = 0
-    addresses_removed: int = 0
-    rules: bool = False
-    flush: list[UdpFlowMatch] = field(default_factory=list)
-    deleted: list[VirtualServer] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return any(
-            (
-                self.services_added,
-                self.services_changed,
-                self.services_removed,
-                self.dests_added,
-                self.dests_quiesced,
-                self.dests_removed,
-                self.addresses_added,
-                self.addresses_removed,
-                self.rules,
-            )
-        )
 
 
 class Capabilities(TypingProtocol):
@@ -169,7 +134,6 @@ class IpvsProxier:
         self._own_worker = worker is None
         self._worker = worker or Worker()
         self._scheduler = scheduler
-        self._graceful = graceful_period
         self._node_name = node_name
         self._cidrs = tuple(nodeport_addresses)
         self._strict_arp = strict_arp
@@ -184,9 +148,10 @@ class IpvsProxier:
         self._housekeeper: asyncio.Task[None] | None = None
         self._closed = False
         # Kernel-side bookkeeping; only the worker thread touches it, one job at a time.
-        self._terminating: dict[tuple[VirtualServer, RealServer], float] = {}  # -> deadline
-        self._draining: set[VirtualServer] = set()  # removed TCP services still draining
-        self._observed: dict[VirtualServer, dict[RealServer, DestInfo]] = {}
+        self._observed: Observed = {}
+        self._terminations = Terminations(
+            ipvs, graceful_period, self._observed, self._delete_service, self._forget
+        )
         self._service_info: dict[VirtualServer, ServiceInfo] = {}
         self._applied: dict[VirtualServer, DesiredServer] = {}
         self._rules: list[str] | None = None
@@ -234,7 +199,7 @@ class IpvsProxier:
                 dests_added=result.dests_added,
                 dests_quiesced=result.dests_quiesced,
                 dests_removed=result.dests_removed,
-                terminating=len(self._terminating),
+                terminating=len(self._terminations.terminating),
                 rules_rewritten=result.rules,
                 duration_ms=round((self._clock() - started) * 1000, 2),
             )
@@ -269,7 +234,7 @@ class IpvsProxier:
                 return
             now = self._clock()
             stats = now >= self._next_stats
-            if not (self._terminating or self._draining or stats):
+            if not (self._terminations or stats):
                 return
             result = await self._worker.run(self._housekeep_blocking, stats)
             await self._flush(result.flush)
@@ -280,13 +245,13 @@ class IpvsProxier:
                     dests_removed=result.dests_removed,
                     services_removed=result.services_removed,
                     connections_cut=result.cut_short,
-                    terminating=len(self._terminating),
+                    terminating=len(self._terminations.terminating),
                 )
 
     @property
     def terminating(self) -> dict[tuple[VirtualServer, RealServer], float]:
         """Real servers at weight 0 waiting to be deleted, with their deadlines."""
-        return dict(self._terminating)
+        return dict(self._terminations.terminating)
 
     def _start_housekeeper(self) -> None:
         if self._interval is None or self._housekeeper is not None or self._closed:
@@ -308,10 +273,10 @@ class IpvsProxier:
 
     # --- internals on the worker thread -----------------------------------------------------
 
-    def _converge(self, desired: Desired, full: bool) -> _Result:
+    def _converge(self, desired: Desired, full: bool) -> IpvsChanges:
         ipvs, host = self._ipvs, self._host
         now = self._clock()
-        result = _Result()
+        result = IpvsChanges()
         if full:
             self._ensure_sysctls()
         host.ensure_dummy(DUMMY_INTERFACE)
@@ -330,7 +295,7 @@ class IpvsProxier:
             result.addresses_added += 1
         fresh: set[VirtualServer] = set()
         for vs, want in desired.servers.items():
-            self._draining.discard(vs)
+            self._terminations.draining.discard(vs)
             info = actual.get(vs)
             if info is None:
                 ipvs.add_service(vs, want.config)
@@ -340,7 +305,7 @@ class IpvsProxier:
                 if info.config != want.config:
                     ipvs.set_service(vs, want.config)
                     result.services_changed += 1
-                if full or self._applied.get(vs) != want or self._has_terminating(vs):
+                if full or self._applied.get(vs) != want or self._terminations.has_terminating(vs):
                     have = ipvs.dests(vs)
                     fresh.add(vs)
                 else:
@@ -351,10 +316,10 @@ class IpvsProxier:
             if vs not in desired.servers:
                 del self._applied[vs]
         for vs in sorted(owned - desired.servers.keys()):
-            self._drain_service(vs, now, result)
+            self._terminations.drain_service(vs, now, result)
             fresh.add(vs)
-        self._reap(now, result, fresh)
-        keep = desired.addresses | {vs.ip for vs in self._draining}
+        self._terminations.reap(now, result, fresh)
+        keep = desired.addresses | {vs.ip for vs in self._terminations.draining}
         self._remove_addresses((bound | desired.addresses) - keep, result)
         self._service_info = {vs: i for vs, i in actual.items() if vs in self._observed}
         rules = masquerade_rules(desired)
@@ -364,16 +329,13 @@ class IpvsProxier:
             self._rules = rules
         return result
 
-    def _has_terminating(self, vs: VirtualServer) -> bool:
-        return any(key[0] == vs for key in self._terminating)
-
     def _converge_dests(
         self,
         vs: VirtualServer,
         want: DesiredServer,
         have: Mapping[RealServer, DestInfo],
         now: float,
-        result: _Result,
+        result: IpvsChanges,
     ) -> None:
         observed = dict(have)
         had_usable = any(d.weight > 0 for d in have.values())
@@ -388,60 +350,16 @@ class IpvsProxier:
                 self._ipvs.set_dest(vs, rs, WEIGHT)
                 observed[rs] = replace(current, weight=WEIGHT, masquerade=True)
                 result.dests_added += 1
-            self._terminating.pop((vs, rs), None)
+            self._terminations.cancel(vs, rs)
         for rs in sorted(have.keys() - want.dests):
-            self._retire_dest(vs, rs, have[rs], now, result, observed)
+            self._terminations.retire_dest(vs, rs, have[rs], now, result, observed)
         self._observed[vs] = observed
         if vs.protocol is Protocol.UDP and want.dests and not had_usable:
             # Datagrams sent while there was no real server left conntrack entries that keep
             # the client's flow away from IPVS; the next datagram must be scheduled.
             result.flush.append(UdpFlowMatch.destination(vs.ip, vs.port))
 
-    def _retire_dest(
-        self,
-        vs: VirtualServer,
-        rs: RealServer,
-        info: DestInfo,
-        now: float,
-        result: _Result,
-        observed: dict[RealServer, DestInfo],
-    ) -> None:
-        if vs.protocol is Protocol.UDP or self._graceful <= 0:
-            self._ipvs.delete_dest(vs, rs)
-            observed.pop(rs, None)
-            self._terminating.pop((vs, rs), None)
-            result.dests_removed += 1
-            if vs.protocol is Protocol.UDP:
-                result.flush.append(UdpFlowMatch.endpoint(rs.ip, rs.port))
-            return
-        if info.weight != 0:
-            self._ipvs.set_dest(vs, rs, 0)
-            observed[rs] = replace(info, weight=0)
-            result.dests_quiesced += 1
-        # After a restart a weight-0 real server starts its graceful period anew.
-        self._terminating.setdefault((vs, rs), now + self._graceful)
-
-    def _drain_service(self, vs: VirtualServer, now: float, result: _Result) -> None:
-        """A virtual server uproxy owns that is no longer wanted."""
-        if vs.protocol is Protocol.UDP or self._graceful <= 0:
-            self._delete_service(vs, result)
-            if vs.protocol is Protocol.UDP:
-                result.flush.append(UdpFlowMatch.destination(vs.ip, vs.port))
-            return
-        try:
-            have = self._ipvs.dests(vs)
-        except IpvsError as exc:
-            if exc.code not in (errno.ESRCH, errno.ENOENT):
-                raise
-            self._forget(vs)
-            return
-        observed = dict(have)
-        for rs, info in sorted(have.items()):
-            self._retire_dest(vs, rs, info, now, result, observed)
-        self._observed[vs] = observed
-        self._draining.add(vs)
-
-    def _delete_service(self, vs: VirtualServer, result: _Result) -> None:
+    def _delete_service(self, vs: VirtualServer, result: IpvsChanges) -> None:
         self._ipvs.delete_service(vs)
         self._journal.discard([vs])
         self._forget(vs)
@@ -451,61 +369,16 @@ class IpvsProxier:
     def _forget(self, vs: VirtualServer) -> None:
         self._observed.pop(vs, None)
         self._service_info.pop(vs, None)
-        self._draining.discard(vs)
-        for key in [k for k in self._terminating if k[0] == vs]:
-            del self._terminating[key]
+        self._terminations.forget(vs)
 
-    def _reap(self, now: float, result: _Result, fresh: set[VirtualServer]) -> None:
-        """Delete terminating real servers with no connections left or no time left, then
-        draining virtual servers with no real server left."""
-        by_server: dict[VirtualServer, list[RealServer]] = {}
-        for vs, rs in self._terminating:
-            by_server.setdefault(vs, []).append(rs)
-        for vs, real_servers in sorted(by_server.items()):
-            if vs in fresh:
-                have = dict(self._observed.get(vs, {}))
-            else:
-                try:
-                    have = self._ipvs.dests(vs)
-                except IpvsError as exc:
-                    if exc.code not in (errno.ESRCH, errno.ENOENT):
-                        raise
-                    self._forget(vs)  # deleted behind uproxy's back
-                    continue
-            for rs in sorted(real_servers):
-                deadline = self._terminating[(vs, rs)]
-                info = have.get(rs)
-                if info is None or info.weight > 0:
-                    del self._terminating[(vs, rs)]  # gone, or taken back by someone
-                    continue
-                if info.open and now < deadline:
-                    continue
-                self._ipvs.delete_dest(vs, rs)
-                del self._terminating[(vs, rs)]
-                del have[rs]
-                result.dests_removed += 1
-                if info.open:
-                    result.cut_short += info.open
-                    log.info(
-                        "ipvs_graceful_period_over",
-                        virtual_server=str(vs),
-                        real_server=str(rs),
-                        active=info.active,
-                        inactive=info.inactive,
-                    )
-            self._observed[vs] = have
-        for vs in sorted(self._draining):
-            if not self._has_terminating(vs):
-                self._delete_service(vs, result)
-
-    def _remove_addresses(self, addresses: Iterable[str], result: _Result) -> None:
+    def _remove_addresses(self, addresses: Iterable[str], result: IpvsChanges) -> None:
         for ip in sorted(addresses, key=ip_sort_key):
             self._host.delete_address(DUMMY_INTERFACE, ip)
             result.addresses_removed += 1
 
-    def _housekeep_blocking(self, stats: bool) -> _Result:
+    def _housekeep_blocking(self, stats: bool) -> IpvsChanges:
         now = self._clock()
-        result = _Result()
+        result = IpvsChanges()
         fresh: set[VirtualServer] = set()
         if stats:
             started = time.monotonic()
@@ -518,11 +391,11 @@ class IpvsProxier:
                     fresh.add(vs)
             # Never spend more than ~5% of the time on statistics, however many services.
             self._next_stats = now + max(self._stats_period, 20 * (time.monotonic() - started))
-        if self._terminating or self._draining:
-            self._reap(now, result, fresh)
+        if self._terminations:
+            self._terminations.reap(now, result, fresh)
             # Only the addresses of the services this round deleted: anything else is the next
             # sync's to judge, with the kernel's whole state in hand.
-            keep = self._target.addresses | {vs.ip for vs in self._draining}
+            keep = self._target.addresses | {vs.ip for vs in self._terminations.draining}
             self._remove_addresses({vs.ip for vs in result.deleted} - keep, result)
         return result
 
@@ -562,8 +435,7 @@ class IpvsProxier:
 
     def _cleanup_blocking(self) -> None:
         cleanup_blocking(self._ipvs, self._host, self._journal, self._nf)
-        self._terminating.clear()
-        self._draining.clear()
+        self._terminations.clear()
         self._observed.clear()
         self._applied.clear()
         self._trusted = False
@@ -618,63 +490,6 @@ class IpvsProxier:
                 )
             )
         self._views = views
-
-
-# -- cleanup -----------------------------------------------------------------------------------
-
-
-def _is_ipvs_chain(chain: str | None) -> bool:
-    return chain is not None and chain.startswith(CHAIN_PREFIX)
-
-
-def _delete_own_chains(nf: Netfilter) -> None:
-    """Remove UPROXY-IPVS-* chains and the jumps into them; leave every other chain alone."""
-    for table in (NAT, FILTER):
-        state = nf.read(table)
-        mine = [c for c in state.chains if _is_ipvs_chain(c)]
-        jumps = [spec for _, spec in state.jumps if _is_ipvs_chain(jump_target(spec))]
-        if not mine and not jumps:
-            continue
-        if len(jumps) < len(state.jumps):
-            # Jumps into another mode's chains too: the Netfilter interface can only make the
-            # set of jumps exact, so leave ours in place but empty; `uproxy cleanup`'s sweep of
-            # every UPROXY-* chain removes them all.
-            log.warning("ipvs_cleanup_jumps_left", table=table)
-            nf.apply({table: TableUpdate(replace={c: [] for c in mine})})
-            continue
-        nf.ensure_jumps(table, ())
-        if mine:
-            nf.apply({table: TableUpdate(delete_chains=mine)})
-
-
-def cleanup_blocking(
-    ipvs: Ipvs | None, host: IpvsHost, journal: OwnedServers, nf: Netfilter | None
-) -> None:
-    """Delete uproxy's virtual servers, the dummy interface (with its addresses), the record
-    and the UPROXY-IPVS-* chains. Blocks; idempotent. `ipvs` None: the kernel has no IPVS."""
-    if ipvs is not None:
-        bound = host.dummy_addresses(DUMMY_INTERFACE)
-        recorded = journal.load()
-        for vs in sorted(ipvs.services()):
-            if vs.ip in bound or vs in recorded:
-                ipvs.delete_service(vs)
-    if host.delete_dummy(DUMMY_INTERFACE):
-        log.info("ipvs_interface_deleted", interface=DUMMY_INTERFACE)
-    journal.clear()
-    if nf is not None:
-        _delete_own_chains(nf)
-
-
-async def cleanup_ipvs(
-    worker: Worker, ipvs: Ipvs | None, host: IpvsHost, journal: OwnedServers
-) -> None:
-    """What `uproxy cleanup` does for IPVS mode: remove uproxy's virtual servers (those on
-    uproxy-ipvs0's addresses or on record), uproxy-ipvs0 and the record; every other virtual
-    server survives. `ipvs` None: the kernel has no IPVS, so there is nothing of it to remove.
-    The UPROXY-IPVS-* chains go with the sweep of every UPROXY-* chain. Idempotent; raises
-    KernelError if something remains."""
-    await worker.run(cleanup_blocking, ipvs, host, journal, None)
-    log.info("ipvs_cleanup_done")
 
 
 # -- building it -------------------------------------------------------------------------------
