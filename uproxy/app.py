@@ -7,14 +7,16 @@ import contextlib
 import functools
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
 
 from uproxy.changes import ChangeTracker
+from uproxy.cleanup import Cleaner
 from uproxy.dataplane.sockopt import raise_nofile_limit
-from uproxy.errors import SettingsError
-from uproxy.kernel.netfilter import BackendChoice, BackendName
+from uproxy.errors import KernelError, SettingsError
+from uproxy.kernel.netfilter import BackendChoice, BackendName, find_tool
 from uproxy.model import ProxyState
 from uproxy.observe.health import Health
 from uproxy.observe.metrics import Metrics
@@ -26,6 +28,7 @@ from uproxy.runner import SyncRunner
 from uproxy.settings import Settings
 from uproxy.sources.base import Source
 from uproxy.sources.manifests import ManifestSource
+from uproxy.threads import in_thread
 
 log = structlog.get_logger(__name__)
 
@@ -120,9 +123,37 @@ def build_ipvs_proxier(settings: Settings) -> Proxier:
     )
 
 
+def build_nftables_proxier(settings: Settings) -> Proxier:
+    """nftables mode with the real kernel; KernelError at once, naming what is missing, when
+    nft or the kernel cannot do what the mode needs."""
+    from uproxy.kernel.conntrack import flush_udp_flows
+    from uproxy.kernel.nft import NftCommand
+    from uproxy.proxier.nftables import NftablesProxier
+    from uproxy.proxier.nftables_capabilities import check_nftables
+    from uproxy.proxier.nftables_rules import NatConfig
+
+    nft = NftCommand()
+    check_nftables(nft)
+    log.info("nftables_mode", table="ip uproxy", cluster_cidr=settings.cluster_cidr)
+    return NftablesProxier(
+        nft=nft,
+        node_name=settings.hostname,
+        config=NatConfig(
+            cluster_cidr=settings.cluster_cidr,
+            masquerade_all=settings.masquerade_all,
+            nodeport_addresses=settings.nodeport_addresses,
+        ),
+        conntrack=flush_udp_flows,
+        resync_period=settings.sync_period,
+        cleanup_on_exit=settings.cleanup_on_exit,
+    )
+
+
 def build_proxier(settings: Settings, portals: Portals) -> Proxier:
     if settings.mode == "ipvs":
         return build_ipvs_proxier(settings)
+    if settings.mode == "nftables":
+        return build_nftables_proxier(settings)
     return UserspaceProxier(
         bind_address=settings.bind_address,
         port_range=settings.proxy_port_range,
@@ -137,9 +168,15 @@ class App:
     """Wires sources -> change tracker -> runner -> proxier, and owns every task it starts."""
 
     def __init__(
-        self, settings: Settings, sources: list[Source], portals: Portals, proxier: Proxier
+        self,
+        settings: Settings,
+        sources: list[Source],
+        portals: Portals,
+        proxier: Proxier,
+        leftovers: Sequence[Cleaner] = (),
     ) -> None:
         self.settings = settings
+        self.leftovers = leftovers
         self.sources = sources
         self.portals = portals
         self.proxier = proxier
@@ -241,6 +278,8 @@ class App:
         )
         loop = asyncio.get_running_loop()
         await self.observe.start()
+        for clean_leftovers in self.leftovers:
+            await clean_leftovers()
         await self.portals.flush_at_start()
         self._install_signals(loop)
         tasks = [loop.create_task(self.runner.run(), name="sync-runner")]
@@ -301,6 +340,7 @@ async def cleanup(iptables_backend: BackendChoice = "auto") -> None:
     from uproxy.cleanup import cleanup_everything
     from uproxy.kernel.detect import open_installed, other_backend
     from uproxy.kernel.ipvs import PROC_IPVS, NetlinkIpvs, Worker
+    from uproxy.kernel.nft import NftCommand
     from uproxy.proxier.ipvs_cleanup import cleanup_ipvs
     from uproxy.proxier.ipvs_desired import STATE_FILE
     from uproxy.proxier.ipvs_owned import OwnedServers
@@ -322,13 +362,54 @@ async def cleanup(iptables_backend: BackendChoice = "auto") -> None:
         async def ipvs_cleaner() -> None:
             await cleanup_ipvs(worker, ipvs, kernel, OwnedServers(STATE_FILE))
 
-        await cleanup_everything(backends, [ipvs_cleaner])
+        cleaners: list[Cleaner] = [ipvs_cleaner]
+        if find_tool("nft") is not None:
+            nft = NftCommand()
+
+            async def nftables_cleaner() -> None:
+                await in_thread(nft.delete_table)
+                log.info("cleanup_done", backend="nftables", table="ip uproxy")
+
+            cleaners.append(nftables_cleaner)
+        await cleanup_everything(backends, cleaners)
     finally:
         await asyncio.to_thread(worker.close)
+
+
+def build_leftover_cleaners(settings: Settings) -> list[Cleaner]:
+    """What removes the state other modes of uproxy left behind, before the first sync: rules
+    of theirs would catch the virtual addresses' traffic before this mode's do."""
+    from uproxy.kernel.nft import NftCommand
+
+    cleaners: list[Cleaner] = []
+    if settings.mode != "nftables" and find_tool("nft") is not None:
+        nft = NftCommand()
+
+        async def nftables_table() -> None:
+            if await in_thread(nft.listing) is not None:
+                await in_thread(nft.delete_table)
+                log.info("leftovers_removed", mode="nftables", table="ip uproxy")
+
+        cleaners.append(nftables_table)
+    if settings.mode == "nftables":
+        from uproxy.cleanup import cleanup_netfilter
+        from uproxy.kernel.detect import open_if_holding_own_rules
+
+        async def iptables_chains() -> None:
+            backends = [nf for name in ("nft", "legacy") for nf in open_if_holding_own_rules(name)]
+            errors = await cleanup_netfilter(backends)
+            if errors:
+                raise KernelError("; ".join(errors))
+
+        cleaners.append(iptables_chains)
+    return cleaners
 
 
 async def serve(settings: Settings) -> None:
     """Run uproxy until SIGTERM/SIGINT."""
     portals = build_portals(settings) if settings.mode == "userspace" else NoPortals()
-    app = App(settings, build_sources(settings), portals, build_proxier(settings, portals))
+    proxier = build_proxier(settings, portals)
+    app = App(
+        settings, build_sources(settings), portals, proxier, build_leftover_cleaners(settings)
+    )
     await app.run()

@@ -90,10 +90,19 @@ def cli() -> None:
     "--mode",
     "--proxy-mode",
     "mode",
-    type=click.Choice(["userspace", "ipvs"]),
+    type=click.Choice(["userspace", "ipvs", "nftables"]),
     default="userspace",
     show_default=True,
-    help="userspace: listeners + portals; ipvs: the kernel's IP Virtual Server forwards.",
+    help="userspace: listeners + portals; ipvs: the kernel's IP Virtual Server forwards; "
+    "nftables: kernel NAT rules in uproxy's own nftables table.",
+)
+@click.option(
+    "--cluster-cidr",
+    default=None,
+    help="Kernel modes: masquerade traffic to ClusterIPs from outside this CIDR.",
+)
+@click.option(
+    "--masquerade-all", is_flag=True, help="Kernel modes: masquerade all service traffic."
 )
 @click.option(
     "--ipvs-scheduler",
@@ -193,6 +202,8 @@ def run(
     ipvs_scheduler: str,
     ipvs_graceful_period: float,
     ipvs_strict_arp: bool,
+    cluster_cidr: str | None,
+    masquerade_all: bool,
     bind_address: str,
     proxy_port_range: str,
     hostname_override: str | None,
@@ -229,6 +240,8 @@ def run(
             ipvs_scheduler=ipvs_scheduler,
             ipvs_graceful_period=ipvs_graceful_period,
             ipvs_strict_arp=ipvs_strict_arp,
+            cluster_cidr=cluster_cidr,
+            masquerade_all=masquerade_all,
             bind_address=bind_address,
             proxy_port_range=parse_port_range(proxy_port_range),
             hostname=hostname_override or os.environ.get("NODE_NAME") or socket.gethostname(),
