@@ -15,6 +15,8 @@ the masquerade rules), measured only when the kernel has IPVS. `pipeline` times 
 mode's whole sync path on iptables-nft: the change tracker's snapshot plus
 `UserspaceProxier.sync` (N listeners, their portals), where one change is one service's endpoints
 changing and the proxier is told which service port changed, as `uproxy run` tells it.
+`nftables` times `NftablesProxier.sync` (the nftables mode: one ClusterIP map element, a service
+chain and an endpoint chain per service port), one change being one service port added.
 
 The parent runs one child per (backend, size, run) as `ip netns exec NS python -m
 bench.controlplane ...`, because python-iptables, the restore tools and netlink act on the
@@ -37,7 +39,7 @@ from typing import Any
 
 from bench import topology
 
-BACKENDS = ("nft", "legacy", "ipvs", "pipeline")
+BACKENDS = ("nft", "legacy", "ipvs", "pipeline", "nftables")
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,56 @@ async def _child_pipeline(ports: int, changes: int) -> dict[str, Any]:
     return {"full_sync_s": full, "resync_s": None, "changes_s": times, "rules_checked": checked}
 
 
+async def _child_nftables(ports: int, changes: int) -> dict[str, Any]:
+    from uproxy.kernel.nft import NftCommand
+    from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+    from uproxy.proxier.nftables import NftablesProxier
+    from uproxy.proxier.nftables_rules import NatConfig
+
+    def service(i: int) -> tuple[ServicePortName, ServicePort, tuple[Endpoint, ...]]:
+        name = ServicePortName("bench", f"svc-{i}", "http")
+        backend = f"10.244.{i // 250}.{i % 250 + 1}"
+        svc = ServicePort(name, Protocol.TCP, 80, cluster_ips=(_vip(i),))
+        return name, svc, (Endpoint(backend, 8080),)
+
+    def state_of(count: int) -> ProxyState:
+        entries = [service(i) for i in range(count)]
+        return ProxyState({n: s for n, s, _ in entries}, {n: e for n, _, e in entries})
+
+    def new_proxier() -> NftablesProxier:
+        return NftablesProxier(
+            nft=NftCommand(), node_name="bench", config=NatConfig(), conntrack=_noop_conntrack,
+            resync_period=1e9,
+        )  # fmt: skip
+
+    first = new_proxier()
+    t0 = time.perf_counter()
+    await first.sync(state_of(ports))
+    full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await new_proxier().sync(state_of(ports))
+    resync = time.perf_counter() - t0
+    times = []
+    for k in range(changes):
+        name, _, _ = service(ports + k)
+        t0 = time.perf_counter()
+        await first.sync(state_of(ports + k + 1), frozenset({name}))
+        times.append(time.perf_counter() - t0)
+    listing = await asyncio.to_thread(
+        subprocess.run,
+        ["nft", "list", "map", "ip", "uproxy", "service-ips"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    found = sum(listing.stdout.count(f"{_vip(i)} . tcp . 80 :") for i in range(ports + changes))
+    return {
+        "full_sync_s": full,
+        "resync_s": resync,
+        "changes_s": times,
+        "rules_checked": found == ports + changes,
+        "rules_in_kernel": found,
+    }
+
+
 def _verify(backend: str, ports: int, added: Sequence[tuple[str, str, int]]) -> tuple[bool, int]:
     """Outside the timings: the kernel really has the rules, all N and each change. Read with
     the save tool, as an admin would, rather than through uproxy's own reading code."""
@@ -295,6 +347,8 @@ def child_main(argv: Sequence[str]) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     if args.backend == "ipvs":
         result = asyncio.run(_child_ipvs(args.ports, args.changes, args.fake_ipvs))
+    elif args.backend == "nftables":
+        result = asyncio.run(_child_nftables(args.ports, args.changes))
     elif args.backend == "pipeline":
         result = asyncio.run(_child_pipeline(args.ports, args.changes))
     else:
@@ -319,6 +373,8 @@ def backend_note(backend: str) -> str:
         backend = "nft"  # IPVS mode's masquerade rules go through iptables-nft
     if backend == "pipeline":
         backend = "nft"
+    if backend == "nftables":
+        return "" if find_tool("nft") else "nft not installed (Debian's nftables package)"
     prefix = "iptables-nft" if backend == "nft" else "iptables-legacy"
     for tool in (f"{prefix}-save", f"{prefix}-restore"):
         if find_tool(tool) is None:

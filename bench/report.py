@@ -24,6 +24,7 @@ CP_LABEL = {
     "legacy": "iptables-legacy",
     "ipvs": "IPVS",
     "pipeline": "userspace mode, whole sync (nft)",
+    "nftables": "nftables mode",
 }
 
 

@@ -131,6 +131,7 @@ CP_NAMES = {
     "legacy": "iptables-legacy",
     "ipvs": "IPVS",
     "pipeline": "userspace mode, whole sync",
+    "nftables": "nftables mode",
 }
 
 

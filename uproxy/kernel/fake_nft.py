@@ -53,8 +53,7 @@ class FakeNft:
         t = self.table
         if t is None:
             return None
-        rules = sum(len(r) for r in t.chains.values())
-        return Listing(frozenset(t.chains), frozenset(t.sets), frozenset(t.maps), rules)
+        return Listing(frozenset(t.chains), frozenset(t.sets), frozenset(t.maps))
 
     def delete_table(self) -> None:
         self.table = None

@@ -171,15 +171,15 @@ class NftablesProxier:
 
     async def _full(self, trusted: bool) -> None:
         listing = await in_thread(self._nft.listing)
-        tx, expected_rules = self._full_transaction(listing)
+        tx, rules, stale = self._full_transaction(listing)
         await in_thread(self._nft.apply, tx)
-        self.last = SyncCounts(len(tx), expected_rules, full=True)
-        if trusted and listing is not None and listing.rules != expected_rules:
-            log.warning(
-                "nftables_drift_repaired", rules_found=listing.rules, rules_wanted=expected_rules
-            )
+        self.last = SyncCounts(len(tx), rules, full=True)
+        if trusted and stale:
+            log.warning("nftables_stale_chains_removed", chains=stale)
 
-    def _full_transaction(self, listing: Listing | None) -> tuple[Transaction, int]:
+    def _full_transaction(self, listing: Listing | None) -> tuple[Transaction, int, int]:
+        """The whole table in one transaction; with how many rules it writes, and how many
+        chains of someone else's (a killed run, an admin) it deletes."""
         chains: dict[str, tuple[Chain, tuple[str, ...]]] = {
             chain.name: (chain, rules) for chain, rules in static_chains(self._config)
         }
@@ -209,12 +209,13 @@ class NftablesProxier:
             rule_count += len(specs)
         for element in elements:
             tx.add(element)
-        for name in sorted(existing.chains - chains.keys()):
+        stale = sorted(existing.chains - chains.keys())
+        for name in stale:
             tx.delete(Chain(name))
         wanted_containers = sets.keys() | {m.name for m in maps}
         for name in sorted((existing.sets | existing.maps) - wanted_containers):
             tx.delete(Set(name, "") if name in existing.sets else Map(name, ""))
-        return tx, rule_count
+        return tx, rule_count, len(stale)
 
     async def _partial(self, before: Mapping[ServicePortName, _Rendered | None]) -> None:
         tx = Transaction()

@@ -5,7 +5,7 @@ The structure is kube-proxy's nftables mode, in uproxy's own table `ip uproxy`:
   nat-prerouting / nat-output (nat hooks) -> services:
       ip daddr . meta l4proto . th dport vmap @service-ips      ClusterIPs, externalIPs, LB IPs
       fib daddr type local ... vmap @service-nodeports           NodePorts on local addresses
-  service-<hash>-<ns>/<name>/<proto>/<port>    Cluster policy: affinity, then `numgen random`
+  service-<hash>-<ns>/<name>/<proto>/<port>    Cluster policy: affinity, then a random pick
   local-<hash>-...                             Local policy: this node's endpoints only
   external-<hash>-...                          external traffic: masquerade (Cluster policy) or
                                                keep the client's address (Local policy)
@@ -116,7 +116,15 @@ class _Names:
 
 def _balance(names: _Names, endpoints: Sequence[Endpoint], affinity: int | None) -> tuple[str, ...]:
     """Affinity first (a client seen within the timeout keeps its endpoint), then a random
-    pick with every endpoint equally likely."""
+    pick with every endpoint equally likely: rule i takes the connection with probability
+    1/(N-i), each drawing its own number, so each of N endpoints gets 1/N.
+
+    Not `numgen random mod N vmap { ... }`: every such map is an anonymous set, and nft 1.0.6
+    (Debian 12) allocates each one by scanning the others, which made a 10,000-service
+    transaction quadratic (measured: 4,000 services 2.0 s with vmaps, 0.38 s with these rules).
+    Only a connection's first packet goes through NAT, so the extra rule per endpoint costs
+    nothing afterwards.
+    """
     if not endpoints:
         return ()
     rules = []
@@ -124,8 +132,10 @@ def _balance(names: _Names, endpoints: Sequence[Endpoint], affinity: int | None)
         rules += [
             f"ip saddr @{names.affinity(e, affinity)} goto {names.endpoint(e)}" for e in endpoints
         ]
-    choices = " , ".join(f"{i} : goto {names.endpoint(e)}" for i, e in enumerate(endpoints))
-    rules.append(f"numgen random mod {len(endpoints)} vmap {{ {choices} }}")
+    count = len(endpoints)
+    for i, e in enumerate(endpoints[:-1]):
+        rules.append(f"numgen random mod {count - i} == 0 goto {names.endpoint(e)}")
+    rules.append(f"goto {names.endpoint(endpoints[-1])}")
     return tuple(rules)
 
 
