@@ -123,6 +123,20 @@ def build_ipvs_proxier(settings: Settings) -> Proxier:
     )
 
 
+def warn_if_not_forwarding(sysctl: Path = Path("/proc/sys/net/ipv4/ip_forward")) -> None:
+    """The kernel modes DNAT traffic from other hosts and forward it; with forwarding off only
+    the node's own clients reach services (kube-proxy leaves the setting to the node, too)."""
+    try:
+        forwarding = sysctl.read_text().strip() == "1"
+    except OSError:
+        return
+    if not forwarding:
+        log.warning(
+            "ip_forward_off",
+            hint="only this node's own clients reach services; set net.ipv4.ip_forward=1",
+        )
+
+
 def build_nftables_proxier(settings: Settings) -> Proxier:
     """nftables mode with the real kernel; KernelError at once, naming what is missing, when
     nft or the kernel cannot do what the mode needs."""
@@ -135,6 +149,7 @@ def build_nftables_proxier(settings: Settings) -> Proxier:
     nft = NftCommand()
     check_nftables(nft)
     log.info("nftables_mode", table="ip uproxy", cluster_cidr=settings.cluster_cidr)
+    warn_if_not_forwarding()
     return NftablesProxier(
         nft=nft,
         node_name=settings.hostname,
