@@ -171,14 +171,12 @@ def _fresh_logs(logs: Path) -> None:
 
 
 def _describe_cp(r: controlplane.CpResult) -> str:
-    head = f"{r.backend:<6} {r.ports:>6,} ports, round {r.run + 1}:"
+    head = f"{r.backend:<8} {r.ports:>6,} ports, round {r.run + 1}:"
     if r.full_sync_s is None:
         return f"{head} {r.status}: {r.note}"
-    assert r.full_sync_s is not None and r.resync_s is not None and r.change_s is not None
-    return (
-        f"{head} full sync {r.full_sync_s:.3f} s, resync {r.resync_s:.3f} s, "
-        f"one change {r.change_s * 1000:.1f} ms"
-    )
+    resync = "-" if r.resync_s is None else f"{r.resync_s:.3f} s"
+    change = "-" if r.change_s is None else f"{r.change_s * 1000:.1f} ms"
+    return f"{head} full sync {r.full_sync_s:.3f} s, resync {resync}, one change {change}"
 
 
 def _notes(rep: report.Report, stale: list[str], elapsed: float) -> list[str]:

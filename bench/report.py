@@ -239,7 +239,9 @@ class Report:
             "fresh sync over the same state already present (read back and converged). One "
             "change: one service port added with N present, until it is committed. iptables "
             "rows time the userspace mode's portals (NetfilterPortals.sync); the IPVS row "
-            "times IPVS mode's virtual servers (IpvsProxier.sync)."
+            "times IPVS mode's virtual servers (IpvsProxier.sync); the whole-sync row times the "
+            "userspace mode's tracker snapshot plus UserspaceProxier.sync, one change being one "
+            "service's endpoints; the nftables row times NftablesProxier.sync."
         )
         out += [
             "",
