@@ -7,7 +7,7 @@ from pathlib import Path
 
 from uproxy.convert import endpoints_for_port, select_endpoints
 from uproxy.model import EndpointSlice, ServicePort
-from uproxy.sources.manifests import load_paths, merge_files
+from uproxy.sources.manifest_loader import load_paths, merge_files
 
 HEADERS = (
     "SERVICE PORT",
