@@ -1,27 +1,24 @@
 """The benchmark's own network: client -- veth -- node (the proxy) -- veth -- backend.
 
-Every namespace is named `ubench-<pid>-<role>`, so a run's namespaces are recognisable, two runs
-never collide, and leftovers of a run that was killed with SIGKILL can be removed by the next
-run (its pid is gone). The veth pairs are created directly inside the namespaces
-(`ip -n NS link add ... peer ... netns NS2`), so no interface ever appears in the root namespace,
-and every sysctl written is a per-namespace one, inside those namespaces. Nothing here touches
-the root namespace's firewall, routes or sysctls.
+Namespaces come from uproxy/netns.py under the prefix `ubench-` (the benchmark's pid and start
+time are in every name), so a run's namespaces are recognisable, two runs never collide, and
+leftovers of a run that was killed with SIGKILL are removed by the next run, even if its pid has
+been reused since. The veth pairs are created directly inside the namespaces, so no interface
+ever appears in the root namespace, and every sysctl written is a per-namespace one, inside
+those namespaces. Nothing here touches the root namespace's firewall, routes or sysctls.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-PREFIX = "ubench-"
-_NAME = re.compile(rf"^{PREFIX}(\d+)-(\w+)")
+from uproxy import netns
+
+OWNER = netns.NamespaceOwner("ubench-")
 
 CLIENT_IP = "10.0.1.2"
 NODE_CLIENT_SIDE_IP = "10.0.1.1"  # the node's address facing the client: where HAProxy and
@@ -65,68 +62,14 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60.0) -> st
     return proc.stdout
 
 
-def list_namespaces() -> list[str]:
-    out = run(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _bench_alive(pid: int) -> bool:
-    """Whether `pid` is still a running benchmark: a zombie (killed, not yet reaped) is not,
-    nor is an unrelated process that reused the pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    state = stat[stat.rindex(")") + 2 :].split(" ", 1)[0]
-    return state != "Z" and b"bench" in cmdline
-
-
-def kill_namespace_processes(ns: str, *, grace: float = 2.0) -> None:
-    """End every process still inside `ns`, which are all ones this benchmark started (the
-    namespace is ours): a namespace with processes in it outlives `ip netns delete`."""
-    pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).split()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _pid_alive(p)]
-        time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def delete_namespace(ns: str) -> None:
-    kill_namespace_processes(ns)
-    run(["ip", "netns", "delete", ns], check=False)
-
-
 def remove_stale_namespaces() -> list[str]:
     """Delete namespaces left by earlier benchmark runs whose process is gone (SIGKILL, power
     loss). Namespaces of a run that is still alive are left alone."""
-    removed = []
-    for ns in list_namespaces():
-        match = _NAME.match(ns)
-        if match and not _bench_alive(int(match.group(1))):
-            delete_namespace(ns)
-            removed.append(ns)
-    return removed
+    return OWNER.sweep_stale()
 
 
 def netns_exec(ns: str, argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", ns, *argv]
+    return netns.exec_argv(ns, argv)
 
 
 def set_sysctls(ns: str, values: dict[str, str]) -> None:
@@ -134,11 +77,6 @@ def set_sysctls(ns: str, values: dict[str, str]) -> None:
         path = Path("/proc/sys") / key.replace(".", "/")
         # Written through `ip netns exec` so that /proc/sys is the namespace's own.
         run(netns_exec(ns, ["sh", "-c", f'echo "{value}" > {path}']))
-
-
-def create_namespace(name: str) -> None:
-    run(["ip", "netns", "add", name])
-    run(["ip", "-n", name, "link", "set", "lo", "up"])
 
 
 @dataclass(frozen=True)
@@ -156,15 +94,14 @@ class Topology:
 
 
 def _build(tag: str) -> Topology:
-    base = f"{PREFIX}{os.getpid()}-{tag}"
-    topo = Topology(client=f"{base}c", node=f"{base}n", backend=f"{base}b")
+    topo = Topology(
+        client=OWNER.name(f"{tag}c"), node=OWNER.name(f"{tag}n"), backend=OWNER.name(f"{tag}b")
+    )
     for ns in topo.namespaces:
-        create_namespace(ns)
+        netns.create(ns)
     # veth pairs born inside the namespaces; names are namespace-local.
-    run(["ip", "-n", topo.node, "link", "add", "n0", "type", "veth", "peer", "name", "c0",
-         "netns", topo.client])  # fmt: skip
-    run(["ip", "-n", topo.node, "link", "add", "n1", "type", "veth", "peer", "name", "b0",
-         "netns", topo.backend])  # fmt: skip
+    netns.add_veth(topo.node, "n0", topo.client, "c0")
+    netns.add_veth(topo.node, "n1", topo.backend, "b0")
     for ns, dev, cidr in (
         (topo.client, "c0", f"{CLIENT_IP}/24"),
         (topo.node, "n0", f"{NODE_CLIENT_SIDE_IP}/24"),
@@ -188,34 +125,27 @@ def _build(tag: str) -> Topology:
 @contextlib.contextmanager
 def topology(tag: str) -> Iterator[Topology]:
     """A fresh client/node/backend topology, deleted on the way out whatever happens."""
-    created: list[str] = []
-    base = f"{PREFIX}{os.getpid()}-{tag}"
+    names = [OWNER.name(f"{tag}{role}") for role in "cnb"]
     try:
-        topo = _build(tag)
-        created = list(topo.namespaces)
-        yield topo
+        yield _build(tag)
     finally:
-        # Delete whatever exists with our prefix for this tag, even if _build failed half-way.
-        for ns in list_namespaces():
-            if ns.startswith(base) or ns in created:
-                delete_namespace(ns)
+        # Whichever of them exist, even if _build failed half-way.
+        for ns in set(names) & set(netns.list_namespaces()):
+            netns.delete(ns)
 
 
 @contextlib.contextmanager
 def single_namespace(tag: str) -> Iterator[str]:
     """One empty namespace (loopback up), for control-plane measurements."""
-    name = f"{PREFIX}{os.getpid()}-{tag}"
+    name = OWNER.name(tag)
     try:
-        create_namespace(name)
+        netns.create(name)
         yield name
     finally:
-        if name in list_namespaces():
-            delete_namespace(name)
+        if name in netns.list_namespaces():
+            netns.delete(name)
 
 
 def remove_all_own_namespaces() -> None:
     """Every namespace of this process: the last line of defence at exit."""
-    own = f"{PREFIX}{os.getpid()}-"
-    for ns in list_namespaces():
-        if ns.startswith(own):
-            delete_namespace(ns)
+    OWNER.delete_owned()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from uproxy.endpoints import categorize_endpoints, endpoints_for_port
 from uproxy.model import EndpointSlice, ServicePort
-from uproxy.sources.manifests import load_paths, merge_files
+from uproxy.sources.manifest_loader import load_paths, merge_files
 
 HEADERS = (
     "SERVICE PORT",

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime or validation error, 2 bad usage.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import sys
@@ -17,6 +18,19 @@ import click
 import structlog
 
 from uproxy import __version__
+from uproxy.demo.services import (
+    DNS_ANSWER,
+    DNS_BACKEND_PORT,
+    DNS_PORT,
+    DNS_VIP,
+    HTTP_BACKEND_PORT,
+    SERVICE_CIDR,
+    STICKY_PORT,
+    STICKY_VIP,
+    WEB_BACKENDS,
+    WEB_PORT,
+    WEB_VIP,
+)
 from uproxy.errors import SettingsError, UproxyError
 from uproxy.logs import configure_logging
 from uproxy.settings import Settings, parse_bind_address, parse_duration, parse_port_range
@@ -372,7 +386,7 @@ def status(address: str, as_json: bool) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Show uproxy's log.")
 def demo(requests: int, iptables_backend: str, keep_running: bool, verbose: bool) -> None:
     """Run a client, uproxy and backends in network namespaces; show what the client sees (root)."""
-    from uproxy.demo import run_demo
+    from uproxy.demo.main import run_demo
 
     sys.exit(
         run_demo(
@@ -382,6 +396,57 @@ def demo(requests: int, iptables_backend: str, keep_running: bool, verbose: bool
             verbose=verbose,
         )
     )
+
+
+def _host_port(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        return host, int(port)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not IP:PORT") from None
+
+
+@cli.group("demo-role", hidden=True)
+def demo_role() -> None:
+    """The pieces `uproxy demo` and docker-compose.yml run, one per namespace or container."""
+
+
+@demo_role.command("http")
+@click.option("--name", required=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=HTTP_BACKEND_PORT)
+def demo_role_http(name: str, port: int) -> None:
+    """An HTTP backend that answers every GET with its name."""
+    from uproxy.demo.roles import serve_http
+
+    sys.exit(serve_http(name, port))
+
+
+@demo_role.command("dns")
+@click.option("--name", required=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=DNS_BACKEND_PORT)
+@click.option("--answer", default=DNS_ANSWER)
+def demo_role_dns(name: str, port: int, answer: str) -> None:
+    """A DNS server answering every A question with --answer."""
+    from uproxy.demo.roles import serve_dns
+
+    sys.exit(serve_dns(name, port, answer))
+
+
+@demo_role.command("client")
+@click.option("--web", callback=_host_port, default=f"{WEB_VIP}:{WEB_PORT}")
+@click.option("--sticky", callback=_host_port, default=f"{STICKY_VIP}:{STICKY_PORT}")
+@click.option("--dns", callback=_host_port, default=f"{DNS_VIP}:{DNS_PORT}")
+@click.option("--requests", type=int, default=6)
+@click.option("--backends", type=int, default=len(WEB_BACKENDS))
+@click.option("--wait", type=float, default=60.0, help="Seconds.")
+@click.option("--route-via", default=None, help="Add a route for --service-cidr via this host.")
+@click.option("--service-cidr", default=SERVICE_CIDR)
+def demo_role_client(**options: Any) -> None:
+    """Call the services and print who answered."""
+    from uproxy.demo.roles import ClientArgs, run_client
+
+    sys.exit(run_client(ClientArgs(**options)))
 
 
 def main() -> None:

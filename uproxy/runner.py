@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from uproxy.backoff import Backoff
+
 log = structlog.get_logger(__name__)
 
 
@@ -32,7 +34,7 @@ class SyncRunner:
         self._clock = clock
         self._requested = asyncio.Event()
         self._last_start: float | None = None
-        self._failures = 0
+        self._backoff = Backoff(max(min_interval, 0.5), max_interval)
 
     def request(self) -> None:
         """Ask for a sync soon (coalesced with any other pending request). Never blocks."""
@@ -40,7 +42,7 @@ class SyncRunner:
 
     @property
     def consecutive_failures(self) -> int:
-        return self._failures
+        return self._backoff.failures
 
     async def run(self) -> None:
         """Run syncs until cancelled. A sync's exception is logged and retried, never raised."""
@@ -53,19 +55,18 @@ class SyncRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._failures += 1
-                delay = self._retry_delay()
+                delay = self._backoff.next_delay()
                 log.error(
                     "sync_failed",
                     error=str(exc),
                     error_type=type(exc).__name__,
-                    failures=self._failures,
+                    failures=self._backoff.failures,
                     retry_in=delay,
-                    exc_info=exc if self._failures == 1 else None,
+                    exc_info=exc if self._backoff.failures == 1 else None,
                 )
                 self._schedule_retry(delay)
             else:
-                self._failures = 0
+                self._backoff.reset()
 
     async def _wait_for_turn(self) -> None:
         # The periodic resync: wake up even without a request.
@@ -75,11 +76,6 @@ class SyncRunner:
             wait = self._last_start + self._min_interval - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
-
-    def _retry_delay(self) -> float:
-        base = max(self._min_interval, 0.5)
-        delay: float = min(base * 2 ** (self._failures - 1), self._max_interval)
-        return delay
 
     def _schedule_retry(self, delay: float) -> None:
         # A retry is a request that becomes due later; call_later keeps no task to own.

@@ -7,10 +7,11 @@
         server = node.start("socat", "TCP-LISTEN:80,fork", "SYSTEM:echo hi")
         print(client.run("socat", "-", "TCP:10.10.0.1:80").stdout)
 
-Everything happens inside namespaces this module creates (with unique names, `lo` up): the root
-namespace's links, routes and firewall are never touched. Leaving the `with` block, by success or
-failure, stops every process started here and deletes every namespace (their veths go with
-them). `sweep()` removes namespaces a killed test run left behind.
+Everything happens inside namespaces this module creates (with unique names, `lo` up, made by
+uproxy/netns.py like the demo's and the benchmark's): the root namespace's links, routes and
+firewall are never touched. Leaving the `with` block, by success or failure, stops every process
+started here and deletes every namespace (their veths go with them). `sweep()` removes what this
+run left behind, and with `all_runs` also the namespaces of test runs that were killed.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from uproxy import netns as core
+
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "upxt"  # every namespace this harness creates starts with this
-_RUN = f"{PREFIX}{os.getpid() % 100000}"
+_OWNER = core.NamespaceOwner(PREFIX)
 _SEQ = itertools.count(1)
 
 
@@ -257,11 +260,10 @@ class Network:
         self._links = itertools.count(1)
 
     def namespace(self, role: str) -> Namespace:
-        name = f"{_RUN}-{next(_SEQ)}-{re.sub(r'[^a-z0-9]', '', role.lower())[:10]}"
-        host_run("ip", "netns", "add", name)
+        name = _OWNER.name(f"{next(_SEQ)}-{re.sub(r'[^a-z0-9]', '', role.lower())[:10]}")
         ns = Namespace(name)
-        self.namespaces.append(ns)  # registered before anything else can fail
-        ns.run("ip", "link", "set", "lo", "up")
+        self.namespaces.append(ns)  # registered first: a failure half-way still removes it
+        core.create(name)
         return ns
 
     def link(
@@ -271,7 +273,7 @@ class Network:
         addressed and up. Returns the interface names (in a, in b)."""
         n = next(self._links)
         a_dev, b_dev = f"veth{n}a", f"veth{n}b"
-        a.run("ip", "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", b.name)
+        core.add_veth(a.name, a_dev, b.name, b_dev)
         for ns, dev, cidr in ((a, a_dev, a_cidr), (b, b_dev, b_cidr)):
             if cidr is not None:
                 ns.run("ip", "addr", "add", cidr, "dev", dev)
@@ -284,7 +286,7 @@ class Network:
                 with contextlib.suppress(Exception):
                     process.stop(signal.SIGTERM, timeout=5)
         for ns in reversed(self.namespaces):
-            host_run("ip", "netns", "del", ns.name, check=False)
+            core.delete(ns.name)
         self.namespaces.clear()
 
     def __enter__(self) -> Network:
@@ -304,14 +306,12 @@ def network() -> Iterator[Network]:
 
 
 def our_namespaces(all_runs: bool = False) -> list[str]:
-    """Namespaces this harness created (in this run, or in any run with `all_runs`)."""
-    listing = host_run("ip", "netns", "list", check=False).stdout
-    names = [line.split()[0] for line in listing.splitlines() if line.strip()]
-    prefix = PREFIX if all_runs else f"{_RUN}-"
-    return [n for n in names if n.startswith(prefix)]
+    """Namespaces of this run, and with `all_runs` those of earlier test runs that are gone."""
+    return _OWNER.owned() + (_OWNER.stale() if all_runs else [])
 
 
 def sweep(all_runs: bool = False) -> None:
-    """Delete namespaces left behind by this run (or by any earlier, killed run)."""
-    for name in our_namespaces(all_runs):
-        host_run("ip", "netns", "del", name, check=False)
+    """Delete namespaces left behind by this run (and, with `all_runs`, by killed runs)."""
+    _OWNER.delete_owned()
+    if all_runs:
+        _OWNER.sweep_stale()

@@ -72,7 +72,7 @@ def test_image_is_small_labelled_and_runs_uproxy(env: dict[str, str]) -> None:
 
 
 def client_view(output: str) -> dict[str, list[str]]:
-    """The client's lines (see uproxy/demo.py): service -> the answers, in order."""
+    """The client's lines (see uproxy/demo/roles.py): service -> the answers, in order."""
     view: dict[str, list[str]] = {}
     for line in output.splitlines():
         match = re.match(

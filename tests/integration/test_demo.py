@@ -18,7 +18,7 @@ from tests.integration.netns import Process, host_run
 pytestmark = pytest.mark.root
 
 BACKENDS = {"web-a", "web-b", "web-c"}
-ROLE = re.compile(r"-m uproxy\.demo (http|dns|client) ")
+ROLE = re.compile(r"-m uproxy demo-role (http|dns|client) ")
 
 
 def demo_argv(*args: str) -> list[str]:

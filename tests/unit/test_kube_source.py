@@ -24,7 +24,8 @@ from uproxy.changes import ChangeTracker
 from uproxy.endpoints import endpoints_for_port
 from uproxy.errors import SettingsError
 from uproxy.model import EndpointSlice, ObjectKey, Protocol, ServicePort, ServicePortName
-from uproxy.sources.kube import LABEL_SELECTOR, KubeSource, _Backoff
+from uproxy.sources.kube import LABEL_SELECTOR, KubeSource
+from uproxy.sources.kube import _reconnect_backoff as _Backoff
 
 WEB = ObjectKey("default", "web")
 API = ObjectKey("default", "api")

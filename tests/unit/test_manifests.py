@@ -14,16 +14,16 @@ import yaml
 
 from uproxy.errors import ManifestError
 from uproxy.model import AddressType, EndpointSlice, ObjectKey, Protocol, ServicePort
-from uproxy.sources.manifests import (
+from uproxy.sources.fqdn_resolver import resolve_host
+from uproxy.sources.manifest_loader import (
     ManifestItemError,
-    ManifestSource,
     is_manifest_name,
     load_file,
     load_file_collecting,
     load_paths,
     merge_files,
-    resolve_host,
 )
+from uproxy.sources.manifests import ManifestSource
 
 WEB = ObjectKey("default", "web")
 DNS = ObjectKey("default", "dns")

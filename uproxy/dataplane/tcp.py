@@ -32,6 +32,7 @@ from typing import cast
 
 import structlog
 
+from uproxy.backoff import Backoff
 from uproxy.balancer import LoadBalancer
 from uproxy.dataplane.sockopt import set_reset_on_close
 from uproxy.dataplane.stats import PortStats
@@ -209,7 +210,7 @@ class TcpListener:
         self._splices: set[Splice] = set()
         self._dials: set[asyncio.Task[None]] = set()
         self.per_endpoint: dict[Endpoint, int] = {}  # open connections by endpoint
-        self._backoff = ACCEPT_BACKOFF[0]
+        self._backoff = Backoff(*ACCEPT_BACKOFF)
         self._resume: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -262,21 +263,21 @@ class TcpListener:
                 log.warning("accept_failed", service=str(self.name), error=str(exc))
                 break
             conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            self._backoff = ACCEPT_BACKOFF[0]
+            self._backoff.reset()
             self._start(conn, addr[0])
 
     def _pause_accepting(self, exc: OSError) -> None:
         # Pending connections wait in the kernel backlog until descriptors are free again.
+        delay = self._backoff.next_delay()
         log.error(
             "accept_paused",
             service=str(self.name),
             error=exc.strerror,
-            retry_in=self._backoff,
+            retry_in=delay,
             open_connections=self.connections,
         )
         self._loop.remove_reader(self._sock.fileno())
-        self._resume = self._loop.call_later(self._backoff, self._resume_accepting)
-        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF[1])
+        self._resume = self._loop.call_later(delay, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._resume = None

@@ -28,6 +28,7 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from uproxy import __version__
+from uproxy.backoff import Backoff
 from uproxy.convert import SKIP_LABELS, convert_endpoint_slice, convert_service
 from uproxy.errors import ConversionError, SettingsError
 from uproxy.model import EndpointSlice, ObjectKey, ServicePort
@@ -161,20 +162,9 @@ def _status_error(status: object, default_code: int) -> Exception:
     return _ApiError(code, reason)
 
 
-class _Backoff:
-    """Capped exponential backoff with jitter, so a fleet of nodes does not reconnect in step."""
-
-    def __init__(self, cap: float) -> None:
-        self._cap = max(cap, _BACKOFF_BASE)
-        self.failures = 0
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        ceiling = min(self._cap, _BACKOFF_BASE * 2 ** min(self.failures - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)
+def _reconnect_backoff(cap: float) -> Backoff:
+    """Jittered, so a fleet of nodes does not reconnect in step."""
+    return Backoff(_BACKOFF_BASE, max(cap, _BACKOFF_BASE), jitter=True)
 
 
 # --- one resource -----------------------------------------------------------------------------
@@ -254,7 +244,7 @@ class _Reflector(Generic[T]):
         self._client = client
         self._api = api
         self._handler = handler
-        self._backoff = _Backoff(backoff_cap)
+        self._backoff = _reconnect_backoff(backoff_cap)
         self._watch_timeout = max(watch_timeout, 1)
         self.synced = asyncio.Event()
         # Keys the handler currently holds, so a relist can tell it what vanished meanwhile.
