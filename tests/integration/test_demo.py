@@ -22,13 +22,7 @@ ROLE = re.compile(r"-m uproxy demo-role (http|dns|client) ")
 
 
 def demo_argv(*args: str) -> list[str]:
-    """`uproxy demo` once uproxy/cli.py has it, else the module's own entry point (the same
-    run_demo, for as long as the command is not registered)."""
-    from uproxy.cli import cli
-
-    if "demo" in getattr(cli, "commands", {}):
-        return [sys.executable, "-m", "uproxy", "demo", *args]
-    return [sys.executable, "-m", "uproxy.demo", "run", *args]
+    return [sys.executable, "-m", "uproxy", "demo", *args]
 
 
 def namespaces_of(pid: int) -> list[str]:
