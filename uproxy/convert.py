@@ -261,6 +261,12 @@ def _load_balancer_ips(r: _Reader, obj: Mapping[str, Any]) -> tuple[str, ...]:
     return _unique(ips)
 
 
+def _of_families(ips: tuple[str, ...], families: set[int]) -> tuple[str, ...]:
+    if not families:  # a manifest Service without a ClusterIP: nothing to judge by
+        return ips
+    return tuple(ip for ip in ips if ipaddress.ip_address(ip).version in families)
+
+
 def _affinity_timeout(r: _Reader, spec: Mapping[str, Any]) -> int | None:
     affinity = r.choice(
         spec.get("sessionAffinity"), "spec.sessionAffinity", ("None", "ClientIP"), "None"
@@ -338,8 +344,12 @@ def _convert_service(obj: Mapping[str, Any], meta: _Meta) -> tuple[ServicePort, 
     spec = r.mapping(obj.get("spec"), "spec")
     r.choice(spec.get("type"), "spec.type", _SERVICE_TYPES, "ClusterIP")
     cluster_ips = _cluster_ips(r, spec)
-    external_ips = _external_ips(r, spec)
-    lb_ips = _load_balancer_ips(r, obj)
+    # kube-proxy runs one proxier per IP family, and a family's proxier takes only the
+    # Services of its family: an externalIP or LoadBalancer IP of another family than the
+    # Service's ClusterIPs leads nowhere (there are no endpoints of that family to send it to).
+    families = {ipaddress.ip_address(ip).version for ip in cluster_ips}
+    external_ips = _of_families(_external_ips(r, spec), families)
+    lb_ips = _of_families(_load_balancer_ips(r, obj), families)
     affinity = _affinity_timeout(r, spec)
     internal_local = _is_local(r, spec, "internalTrafficPolicy")
     external_local = _is_local(r, spec, "externalTrafficPolicy")

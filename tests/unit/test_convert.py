@@ -169,7 +169,9 @@ def test_external_ips_and_load_balancer_ingress() -> None:
         }
     }
     port = one_port(obj)
-    assert port.external_ips == ("192.0.2.1", "2001:db8::1")
+    # Deduplicated; the IPv6 one is dropped: the Service's ClusterIP is IPv4 (kube-proxy's
+    # per-family proxiers), see test_addresses_of_another_family_than_the_cluster_ips_...
+    assert port.external_ips == ("192.0.2.1",)
     assert port.load_balancer_ips == ("198.51.100.7", "198.51.100.8")
 
 
@@ -699,3 +701,27 @@ def test_bad_service_fields_raise_only_conversion_error(path: str, value: Any) -
 def test_bad_slice_fields_raise_only_conversion_error(path: str, value: Any) -> None:
     with contextlib.suppress(ConversionError):
         convert_endpoint_slice(modified(endpoint_slice(), path, value))
+
+
+def test_addresses_of_another_family_than_the_cluster_ips_are_not_taken() -> None:
+    obj = service(
+        clusterIP="fd00::10",
+        clusterIPs=["fd00::10"],
+        externalIPs=["192.0.2.7", "2001:db8::7"],
+        ports=[{"name": "http", "port": 80}],
+    )
+    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}, {"ip": "2001:db8::1"}]}}
+    ports = convert_service(obj)
+    assert ports is not None
+    (port,) = ports
+    assert port.external_ips == ("2001:db8::7",)
+    assert port.load_balancer_ips == ("2001:db8::1",)
+    dual = service(
+        clusterIP="10.96.0.10",
+        clusterIPs=["10.96.0.10", "fd00::10"],
+        externalIPs=["192.0.2.7", "2001:db8::7"],
+        ports=[{"name": "http", "port": 80}],
+    )
+    converted = convert_service(dual)
+    assert converted is not None
+    assert converted[0].external_ips == ("192.0.2.7", "2001:db8::7")
