@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -261,7 +262,7 @@ def _load_balancer_ips(r: _Reader, obj: Mapping[str, Any]) -> tuple[str, ...]:
     return _unique(ips)
 
 
-def _of_families(ips: tuple[str, ...], families: set[int]) -> tuple[str, ...]:
+def _of_families(ips: tuple[str, ...], families: AbstractSet[int]) -> tuple[str, ...]:
     if not families:  # a manifest Service without a ClusterIP: nothing to judge by
         return ips
     return tuple(ip for ip in ips if ipaddress.ip_address(ip).version in families)
