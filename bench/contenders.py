@@ -288,6 +288,18 @@ class UproxyIpvs(Uproxy):
         return "; ".join(reasons)
 
 
+class UproxyNftables(Uproxy):
+    """uproxy's nftables mode: the kernel's NAT forwards, through uproxy's own table."""
+
+    def __init__(self) -> None:
+        super().__init__("uvloop", ["--mode", "nftables"], "uproxy-nftables", "uproxy nftables")
+
+    def unavailable(self) -> str:
+        from uproxy.kernel.netfilter import find_tool
+
+        return "" if find_tool("nft") else "nft not installed (Debian's nftables package)"
+
+
 def _uproxy_has_ipvs() -> bool:
     out = subprocess.run(
         [sys.executable, "-m", "uproxy", "run", "--help"],
@@ -309,4 +321,5 @@ def all_contenders() -> list[Contender]:
         Uproxy("uvloop"),
         Uproxy("asyncio"),
         UproxyIpvs(),
+        UproxyNftables(),
     ]

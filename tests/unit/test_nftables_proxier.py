@@ -272,10 +272,12 @@ async def test_udp_flows_of_a_removed_endpoint_and_of_a_first_endpoint_are_delet
     assert conntrack.flows == []
 
 
-async def test_other_families_addresses_are_left_out() -> None:
+async def test_other_families_addresses_and_endpoints_are_left_out() -> None:
     proxier, nft, _ = make()
-    await proxier.sync(state((web(cluster_ips=("10.96.0.10", "fd00::10")), (EP1,))))
+    v6 = Endpoint("fd00::1", 8080, node_name=HERE)
+    await proxier.sync(state((web(cluster_ips=("10.96.0.10", "fd00::10")), (EP1, v6))))
     assert set(nft.elements(SERVICE_IPS)) == {"10.96.0.10 . tcp . 80"}
+    assert not [n for n in nft.chains() if "fd00::1" in n]
 
 
 def test_the_fake_refuses_what_nft_refuses() -> None:

@@ -17,6 +17,7 @@ endpoint (kube-proxy's long-standing stale-UDP bug class).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -161,7 +162,9 @@ class NftablesProxier:
         if service is None:
             self._rendered.pop(name, None)
             return
-        endpoints = state.endpoints.get(name, ())
+        # This is the IPv4 table: like kube-proxy's per-family proxier, it sees only the IPv4
+        # endpoints (a DNAT to an IPv6 address would fail the whole transaction).
+        endpoints = tuple(e for e in state.endpoints.get(name, ()) if _is_ipv4(e.ip))
         old = self._rendered.get(name)
         if old is not None and old.service == service and old.endpoints == endpoints:
             return
@@ -298,6 +301,13 @@ def stale_udp_flows(old: _Rendered | None, new: _Rendered | None) -> set[UdpFlow
             if svc.node_port:
                 matches.add(UdpFlowMatch.destination(None, svc.node_port))
     return matches
+
+
+def _is_ipv4(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).version == 4
+    except ValueError:
+        return False
 
 
 def _element_order(element: Element) -> tuple[str, str]:
