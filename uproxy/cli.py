@@ -66,7 +66,7 @@ def log_options(func: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="uproxy")
 def cli() -> None:
-    """uproxy: a Kubernetes-style service proxy (userspace mode, rebuilt properly)."""
+    """uproxy: a Kubernetes-style service proxy (userspace, IPVS and iptables modes)."""
 
 
 @cli.command()
@@ -90,10 +90,21 @@ def cli() -> None:
     "--mode",
     "--proxy-mode",
     "mode",
-    type=click.Choice(["userspace", "ipvs"]),
+    type=click.Choice(["userspace", "ipvs", "iptables"]),
     default="userspace",
     show_default=True,
-    help="userspace: listeners + portals; ipvs: the kernel's IP Virtual Server forwards.",
+    help="userspace: listeners + portals; ipvs: the kernel's IP Virtual Server forwards; "
+    "iptables: netfilter NAT rules forward (kube-proxy's default mode).",
+)
+@click.option(
+    "--cluster-cidr",
+    default=None,
+    help="The pods' IPv4 CIDR (iptables mode): ClusterIP traffic from outside it is masqueraded.",
+)
+@click.option(
+    "--masquerade-all",
+    is_flag=True,
+    help="iptables mode: masquerade all service traffic (endpoints see the node's address).",
 )
 @click.option(
     "--ipvs-scheduler",
@@ -190,6 +201,8 @@ def run(
     kube_context: str | None,
     master: str | None,
     mode: str,
+    cluster_cidr: str | None,
+    masquerade_all: bool,
     ipvs_scheduler: str,
     ipvs_graceful_period: float,
     ipvs_strict_arp: bool,
@@ -226,6 +239,8 @@ def run(
             and not config_paths
             and "KUBERNETES_SERVICE_HOST" in os.environ,
             mode=mode,  # type: ignore[arg-type]
+            cluster_cidr=cluster_cidr or None,
+            masquerade_all=masquerade_all,
             ipvs_scheduler=ipvs_scheduler,
             ipvs_graceful_period=ipvs_graceful_period,
             ipvs_strict_arp=ipvs_strict_arp,
