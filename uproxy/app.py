@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import signal
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from uproxy.model import ProxyState
 from uproxy.observe.health import Health
 from uproxy.observe.metrics import Metrics
 from uproxy.observe.server import ObserveConfig, ObserveServer
-from uproxy.proxier.base import Proxier
+from uproxy.proxier.base import CountsSyncs, Proxier
 from uproxy.proxier.portals import NoPortals, Portals
 from uproxy.proxier.userspace import UserspaceProxier
 from uproxy.runner import SyncRunner
@@ -164,9 +165,70 @@ def build_nftables_proxier(settings: Settings) -> Proxier:
     )
 
 
+def build_iptables_proxier(settings: Settings) -> Proxier:
+    """iptables mode on the detected (or chosen) backend, cleaning what other modes left."""
+    from uproxy.kernel.conntrack import flush_udp_flows
+    from uproxy.kernel.detect import (
+        build_netfilter,
+        open_if_holding_own_rules,
+        other_backend,
+        random_fully_supported,
+    )
+    from uproxy.proxier.iptables import IptablesProxier
+    from uproxy.proxier.iptables_rules import RuleContext, nodeport_destinations
+
+    netfilter = build_netfilter(settings.iptables_backend)
+    context = RuleContext(
+        node_name=settings.hostname,
+        cluster_cidr=(
+            str(ipaddress.ip_network(settings.cluster_cidr, strict=False))
+            if settings.cluster_cidr
+            else None
+        ),
+        masquerade_all=settings.masquerade_all,
+        nodeport_destinations=nodeport_destinations(settings.nodeport_addresses),
+        random_fully=random_fully_supported(netfilter.backend),
+    )
+    log.info(
+        "iptables_mode",
+        backend=netfilter.backend,
+        cluster_cidr=context.cluster_cidr,
+        masquerade_all=context.masquerade_all,
+        random_fully=context.random_fully,
+    )
+    return IptablesProxier(
+        netfilter,
+        context=context,
+        conntrack=flush_udp_flows,
+        resync_period=settings.sync_period,
+        other_backends=open_if_holding_own_rules(other_backend(netfilter.backend)),
+        leftovers=[ipvs_leftovers],
+        cleanup_on_exit=settings.cleanup_on_exit,
+    )
+
+
+async def ipvs_leftovers() -> None:
+    """What the IPVS mode leaves outside netfilter: its virtual servers (only where the kernel
+    has IP_VS: opening the family elsewhere would try to load it), uproxy-ipvs0 and its record."""
+    from uproxy.kernel.ipvs import PROC_IPVS, NetlinkIpvs, Worker
+    from uproxy.proxier.ipvs_cleanup import cleanup_ipvs
+    from uproxy.proxier.ipvs_desired import STATE_FILE
+    from uproxy.proxier.ipvs_owned import OwnedServers
+
+    worker = Worker("uproxy-ipvs-leftovers")
+    try:
+        kernel = NetlinkIpvs(worker)
+        ipvs = kernel if PROC_IPVS.exists() else None
+        await cleanup_ipvs(worker, ipvs, kernel, OwnedServers(STATE_FILE))
+    finally:
+        await asyncio.to_thread(worker.close)
+
+
 def build_proxier(settings: Settings, portals: Portals) -> Proxier:
     if settings.mode == "ipvs":
         return build_ipvs_proxier(settings)
+    if settings.mode == "iptables":
+        return build_iptables_proxier(settings)
     if settings.mode == "nftables":
         return build_nftables_proxier(settings)
     return UserspaceProxier(
@@ -202,7 +264,8 @@ class App:
         )
         self.tracker = ChangeTracker([s.name for s in sources], on_change=self._changed)
         self.health = Health(settings.sync_period)
-        self.metrics = Metrics(self.proxier.view)
+        counts = proxier.sync_counters if isinstance(proxier, CountsSyncs) else None
+        self.metrics = Metrics(self.proxier.view, counts)
         self.observe = ObserveServer(
             ObserveConfig(
                 healthz=settings.healthz_bind_address,
@@ -294,7 +357,12 @@ class App:
         loop = asyncio.get_running_loop()
         await self.observe.start()
         for clean_leftovers in self.leftovers:
-            await clean_leftovers()
+            try:
+                await clean_leftovers()
+            except Exception as exc:  # best effort: another mode's leftovers must not stop this one
+                log.warning(
+                    "leftovers_cleanup_failed", error=str(exc), error_type=type(exc).__name__
+                )
         await self.portals.flush_at_start()
         self._install_signals(loop)
         tasks = [loop.create_task(self.runner.run(), name="sync-runner")]
@@ -397,6 +465,8 @@ def build_leftover_cleaners(settings: Settings) -> list[Cleaner]:
     from uproxy.kernel.nft import NftCommand
 
     cleaners: list[Cleaner] = []
+    if settings.mode == "userspace" and not settings.portals:
+        return cleaners  # a sidecar without privileges: it touches no kernel state at all
     if settings.mode != "nftables" and find_tool("nft") is not None:
         nft = NftCommand()
 
@@ -417,6 +487,8 @@ def build_leftover_cleaners(settings: Settings) -> list[Cleaner]:
                 raise KernelError("; ".join(errors))
 
         cleaners.append(iptables_chains)
+    if settings.mode in ("userspace", "nftables"):  # the iptables proxier does it itself
+        cleaners.append(ipvs_leftovers)
     return cleaners
 
 

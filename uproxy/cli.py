@@ -80,7 +80,7 @@ def log_options(func: Any) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="uproxy")
 def cli() -> None:
-    """uproxy: a Kubernetes-style service proxy (userspace mode, rebuilt properly)."""
+    """uproxy: a Kubernetes-style service proxy (userspace, IPVS and iptables modes)."""
 
 
 @cli.command()
@@ -104,19 +104,22 @@ def cli() -> None:
     "--mode",
     "--proxy-mode",
     "mode",
-    type=click.Choice(["userspace", "ipvs", "nftables"]),
+    type=click.Choice(["userspace", "ipvs", "iptables", "nftables"]),
     default="userspace",
     show_default=True,
     help="userspace: listeners + portals; ipvs: the kernel's IP Virtual Server forwards; "
-    "nftables: kernel NAT rules in uproxy's own nftables table.",
+    "iptables: netfilter NAT rules forward (kube-proxy's default mode); nftables: the same in "
+    "uproxy's own nftables table.",
 )
 @click.option(
     "--cluster-cidr",
     default=None,
-    help="Kernel modes: masquerade traffic to ClusterIPs from outside this CIDR.",
+    help="The pods' IPv4 CIDR (kernel modes): ClusterIP traffic from outside it is masqueraded.",
 )
 @click.option(
-    "--masquerade-all", is_flag=True, help="Kernel modes: masquerade all service traffic."
+    "--masquerade-all",
+    is_flag=True,
+    help="Kernel modes: masquerade all service traffic (endpoints see the node's address).",
 )
 @click.option(
     "--ipvs-scheduler",
@@ -213,11 +216,11 @@ def run(
     kube_context: str | None,
     master: str | None,
     mode: str,
+    cluster_cidr: str | None,
+    masquerade_all: bool,
     ipvs_scheduler: str,
     ipvs_graceful_period: float,
     ipvs_strict_arp: bool,
-    cluster_cidr: str | None,
-    masquerade_all: bool,
     bind_address: str,
     proxy_port_range: str,
     hostname_override: str | None,
@@ -251,11 +254,11 @@ def run(
             and not config_paths
             and "KUBERNETES_SERVICE_HOST" in os.environ,
             mode=mode,  # type: ignore[arg-type]
+            cluster_cidr=cluster_cidr or None,
+            masquerade_all=masquerade_all,
             ipvs_scheduler=ipvs_scheduler,
             ipvs_graceful_period=ipvs_graceful_period,
             ipvs_strict_arp=ipvs_strict_arp,
-            cluster_cidr=cluster_cidr,
-            masquerade_all=masquerade_all,
             bind_address=bind_address,
             proxy_port_range=parse_port_range(proxy_port_range),
             hostname=hostname_override or os.environ.get("NODE_NAME") or socket.gethostname(),

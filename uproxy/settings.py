@@ -13,7 +13,7 @@ from uproxy.errors import SettingsError
 EventLoopName = Literal["uvloop", "asyncio"]
 LogFormat = Literal["auto", "console", "json"]
 IptablesBackend = Literal["auto", "legacy", "nft"]
-ProxyMode = Literal["userspace", "ipvs", "nftables"]
+ProxyMode = Literal["userspace", "ipvs", "iptables", "nftables"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {
@@ -126,8 +126,8 @@ class Settings:
     ipvs_scheduler: str = "rr"
     ipvs_graceful_period: float = 15.0
     ipvs_strict_arp: bool = False
-    # The kernel NAT modes' masquerading (kube-proxy's --cluster-cidr, --masquerade-all).
-    cluster_cidr: str | None = None
+    # The kernel NAT modes (iptables, nftables): kube-proxy's --cluster-cidr, --masquerade-all.
+    cluster_cidr: str | None = None  # IPv4 pod CIDR: ClusterIP traffic from outside is masqueraded
     masquerade_all: bool = False
     healthz_bind_address: tuple[str, int] | None = ("0.0.0.0", 10256)
     metrics_bind_address: tuple[str, int] | None = ("127.0.0.1", 10249)
@@ -150,11 +150,16 @@ class Settings:
                 raise SettingsError(f"--nodeport-addresses: {cidr!r} is not a CIDR") from None
         if self.cluster_cidr is not None:
             try:
-                ipaddress.ip_network(self.cluster_cidr, strict=False)
+                network = ipaddress.ip_network(self.cluster_cidr, strict=False)
             except ValueError:
                 raise SettingsError(
-                    f"--cluster-cidr: {self.cluster_cidr!r} is not a CIDR"
+                    f"--cluster-cidr: {self.cluster_cidr!r} is not a CIDR "
+                    "(for example 10.244.0.0/16)"
                 ) from None
+            if network.version != 4:
+                raise SettingsError(
+                    f"--cluster-cidr: {self.cluster_cidr!r} is IPv6; the kernel modes are IPv4"
+                )
         if self.min_sync_period < 0:
             raise SettingsError("--min-sync-period must not be negative")
         if self.sync_period <= 0:

@@ -130,3 +130,15 @@ def open_if_holding_own_rules(name: BackendName) -> list[Netfilter]:
     if OWN_PREFIX not in run_tool_quietly([f"{prefix}-save"]):
         return []
     return [NftNetfilter() if name == "nft" else LegacyNetfilter()]
+
+
+_VERSION = re.compile(r"v(\d+)\.(\d+)\.(\d+)")
+
+
+def random_fully_supported(name: BackendName) -> bool:
+    """Whether MASQUERADE can take --random-fully: iptables 1.6.2 or later, as kube-proxy checks
+    (every kernel iptables >= 1.6.2 runs on has NF_NAT_RANGE_PROTO_RANDOM_FULLY)."""
+    match = _VERSION.search(run_tool_quietly([f"iptables-{name}", "--version"]))
+    if match is None:
+        return False
+    return tuple(int(part) for part in match.groups()) >= (1, 6, 2)

@@ -49,6 +49,8 @@ EXTENSION_TARGETS = frozenset(
 
 Chains = dict[str, list[str]]
 
+MAX_CHAIN_NAME = 28  # x_tables' limit (XT_EXTENSION_MAXNAMELEN - 1); nf_tables via iptables-nft too
+
 
 class FakeNetfilter:
     def __init__(self, backend: BackendName = "nft") -> None:
@@ -203,6 +205,10 @@ class FakeNetfilter:
 
     def _commit(self, table: str, work: Chains, *, count: bool = True) -> None:
         for chain, specs in work.items():
+            if len(chain) > MAX_CHAIN_NAME:
+                raise KernelError(
+                    f"chain name {chain!r} is longer than {MAX_CHAIN_NAME} characters"
+                )
             for spec in specs:
                 target = jump_target(spec)
                 if target is not None and target not in EXTENSION_TARGETS and target not in work:

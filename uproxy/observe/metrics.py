@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from uproxy.proxier.base import PortView
+from uproxy.proxier.base import PortView, SyncCounters
 
 # kube-proxy's buckets for rule syncs and network programming.
 _SYNC_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048)
@@ -71,10 +71,38 @@ class _PortCollector(Collector):
         )  # fmt: skip
 
 
+class _SyncCollector(Collector):
+    """A kernel mode's rule-sync totals, read at scrape time."""
+
+    def __init__(self, counters: Callable[[], SyncCounters]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._counters()
+        syncs = CounterMetricFamily(
+            "uproxy_rule_syncs", "Rule syncs by kind: full (read back) or partial.", labels=["kind"]
+        )
+        syncs.add_metric(["full"], counters.full_syncs)
+        syncs.add_metric(["partial"], counters.partial_syncs)
+        yield syncs
+        yield CounterMetricFamily(
+            "uproxy_rules_written", "Rules written to the kernel.", value=counters.rules_written
+        )
+        yield CounterMetricFamily(
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
+            "Partial syncs the kernel refused (a full sync followed).",
+            value=counters.partial_failures,
+        )
+
+
 class Metrics:
     """One registry per app (no global state), so tests can run several side by side."""
 
-    def __init__(self, views: Callable[[], Sequence[PortView]]) -> None:
+    def __init__(
+        self,
+        views: Callable[[], Sequence[PortView]],
+        sync_counters: Callable[[], SyncCounters] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -105,3 +133,5 @@ class Metrics:
             "uproxy_endpoints", "Endpoints known across all service ports.", registry=self.registry
         )
         self.registry.register(_PortCollector(views))
+        if sync_counters is not None:
+            self.registry.register(_SyncCollector(sync_counters))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from uproxy.dataplane.stats import PortStats
 from uproxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
@@ -25,6 +25,23 @@ class PortView:
     connections: int
     affinity_entries: int
     stats: PortStats
+
+
+@dataclass(slots=True)
+class SyncCounters:
+    """Running totals of a kernel mode's rule syncs, read by /metrics at scrape time."""
+
+    full_syncs: int = 0  # read the kernel back and converged everything
+    partial_syncs: int = 0  # wrote only what changed
+    partial_failures: int = 0  # partial writes the kernel refused (a full sync followed)
+    rules_written: int = 0
+
+
+@runtime_checkable
+class CountsSyncs(Protocol):
+    """A proxier that keeps `SyncCounters` (the kernel rule modes)."""
+
+    def sync_counters(self) -> SyncCounters: ...
 
 
 class Proxier(Protocol):
