@@ -165,6 +165,13 @@ def test_every_address_kind_forwards_tcp_and_udp(world: tuple[Topology, Path], m
     for ns in (client, node):  # dig takes replies only from the address it asked
         answers = Counter(dig(ns, DNS_VIP) for _ in range(8))
         assert set(answers) == {"10.0.0.1", "10.0.0.2"}, (ns, answers)
+    port = uproxy.wait_event("metrics_listening")["port"]
+    admin = f"http://127.0.0.1:{port}"
+    assert node.run("curl", "-s", f"{admin}/proxyMode").stdout.strip() == mode
+    metrics = node.run("curl", "-s", f"{admin}/metrics").stdout
+    assert 'uproxy_rule_syncs_total{kind="full"}' in metrics, metrics[-2000:]
+    status = node.run(sys.executable, "-m", "uproxy", "status", "--address", f"127.0.0.1:{port}")
+    assert "default/web:http" in status.stdout and WEB_VIP in status.stdout, status.stdout
     assert uproxy.stop(signal.SIGTERM) == 0
 
 

@@ -196,7 +196,7 @@ async def test_partial_syncs_end_where_a_full_sync_would() -> None:
         s = state(*current.values())
         await proxier.sync(s, changed)
         assert table(nft) == await full_table(s), nft.dump()
-    assert proxier.partial_syncs > 50
+    assert proxier.sync_counters().partial_syncs > 50
 
 
 async def test_a_full_sync_removes_leftovers_and_restores_hand_deleted_rules() -> None:
@@ -231,7 +231,8 @@ async def test_a_partial_sync_that_trips_over_a_hand_edit_falls_back_to_a_full_o
     clock.now += 1
     s = state()  # removing the service deletes its element, which is no longer there
     await proxier.sync(s, frozenset({WEB}))
-    assert proxier.full_syncs == 2
+    assert proxier.sync_counters().full_syncs == 2
+    assert proxier.sync_counters().partial_failures == 1
     assert table(nft) == await full_table(s)
 
 

@@ -30,7 +30,7 @@ from uproxy.errors import KernelError
 from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
 from uproxy.kernel.nft import Chain, Element, Listing, Map, Nft, Rule, Set, Transaction
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
-from uproxy.proxier.base import Changed, PortView
+from uproxy.proxier.base import Changed, PortView, SyncCounters
 from uproxy.proxier.nftables_rules import (
     NatConfig,
     PortObjects,
@@ -87,8 +87,7 @@ class NftablesProxier:
         self._trusted = False
         self._last_full = float("-inf")
         self.last = SyncCounts()
-        self.full_syncs = 0
-        self.partial_syncs = 0
+        self._counters = SyncCounters()
 
     # --- Proxier -------------------------------------------------------------------------------
 
@@ -114,14 +113,16 @@ class NftablesProxier:
                 except KernelError as exc:
                     # Someone changed uproxy's table behind its back: rewrite all of it.
                     log.warning("nftables_partial_failed", error=str(exc), action="full sync")
+                    self._counters.partial_failures += 1
                     await self._full(trusted=False)
                     full = True
             self._trusted = True
             if full:
                 self._last_full = started
-                self.full_syncs += 1
+                self._counters.full_syncs += 1
             else:
-                self.partial_syncs += 1
+                self._counters.partial_syncs += 1
+            self._counters.rules_written += self.last.rules
             await self._flush_udp(before, first=not trusted)
             (log.info if self.last.operations else log.debug)(
                 "nftables_synced",
@@ -139,6 +140,9 @@ class NftablesProxier:
                 await in_thread(self._nft.delete_table)
                 self._trusted = False
             log.info("nftables_cleaned")
+
+    def sync_counters(self) -> SyncCounters:
+        return self._counters
 
     def view(self) -> list[PortView]:
         return [
