@@ -17,6 +17,7 @@ from uproxy.changes import ChangeTracker
 from uproxy.cleanup import Cleaner
 from uproxy.dataplane.sockopt import raise_nofile_limit
 from uproxy.errors import KernelError, SettingsError
+from uproxy.kernel.conntrack import UdpFlowMatch
 from uproxy.kernel.netfilter import BackendChoice, BackendName, find_tool
 from uproxy.model import ProxyState
 from uproxy.observe.health import Health
@@ -142,27 +143,47 @@ def build_nftables_proxier(settings: Settings) -> Proxier:
     """nftables mode with the real kernel; KernelError at once, naming what is missing, when
     nft or the kernel cannot do what the mode needs."""
     from uproxy.kernel.conntrack import flush_udp_flows
-    from uproxy.kernel.nft import NftCommand
+    from uproxy.kernel.nft import FAMILIES, NftCommand
+    from uproxy.proxier.families import PerFamily
     from uproxy.proxier.nftables import NftablesProxier
     from uproxy.proxier.nftables_capabilities import check_nftables
     from uproxy.proxier.nftables_rules import NatConfig
 
-    nft = NftCommand()
-    check_nftables(nft)
-    log.info("nftables_mode", table="ip uproxy", cluster_cidr=settings.cluster_cidr)
-    warn_if_not_forwarding()
-    return NftablesProxier(
-        nft=nft,
-        node_name=settings.hostname,
-        config=NatConfig(
-            cluster_cidr=settings.cluster_cidr,
-            masquerade_all=settings.masquerade_all,
-            nodeport_addresses=settings.nodeport_addresses,
-        ),
-        conntrack=flush_udp_flows,
-        resync_period=settings.sync_period,
-        cleanup_on_exit=settings.cleanup_on_exit,
+    check_nftables(NftCommand("nft", "ip"))
+    families = [4]
+    try:
+        check_nftables(NftCommand("nft", "ip6"), family=6)
+        families.append(6)
+    except KernelError as exc:
+        log.warning("nftables_ipv6_unavailable", error=str(exc), action="IPv4 only")
+    log.info(
+        "nftables_mode",
+        tables=[f"{FAMILIES[f]} uproxy" for f in families],
+        cluster_cidr=settings.cluster_cidr,
     )
+    warn_if_not_forwarding()
+    proxiers: list[Proxier] = [
+        NftablesProxier(
+            nft=NftCommand("nft", FAMILIES[family]),
+            node_name=settings.hostname,
+            config=NatConfig(
+                cluster_cidr=settings.cluster_cidr,
+                masquerade_all=settings.masquerade_all,
+                nodeport_addresses=settings.nodeport_addresses,
+                family=family,
+            ),
+            # UDP conntrack deletion covers IPv4 flows (see uproxy/kernel/conntrack.py).
+            conntrack=flush_udp_flows if family == 4 else _no_flows,
+            resync_period=settings.sync_period,
+            cleanup_on_exit=settings.cleanup_on_exit,
+        )
+        for family in families
+    ]
+    return proxiers[0] if len(proxiers) == 1 else PerFamily(proxiers)
+
+
+async def _no_flows(matches: Sequence[UdpFlowMatch]) -> int:
+    return 0
 
 
 def build_iptables_proxier(settings: Settings) -> Proxier:
@@ -447,11 +468,12 @@ async def cleanup(iptables_backend: BackendChoice = "auto") -> None:
 
         cleaners: list[Cleaner] = [ipvs_cleaner]
         if find_tool("nft") is not None:
-            nft = NftCommand()
+            tables = [NftCommand("nft", family) for family in ("ip", "ip6")]
 
             async def nftables_cleaner() -> None:
-                await in_thread(nft.delete_table)
-                log.info("cleanup_done", backend="nftables", table="ip uproxy")
+                for nft in tables:
+                    await in_thread(nft.delete_table)
+                    log.info("cleanup_done", backend="nftables", table=f"{nft.family} uproxy")
 
             cleaners.append(nftables_cleaner)
         await cleanup_everything(backends, cleaners)
@@ -468,12 +490,13 @@ def build_leftover_cleaners(settings: Settings) -> list[Cleaner]:
     if settings.mode == "userspace" and not settings.portals:
         return cleaners  # a sidecar without privileges: it touches no kernel state at all
     if settings.mode != "nftables" and find_tool("nft") is not None:
-        nft = NftCommand()
+        tables = [NftCommand("nft", family) for family in ("ip", "ip6")]
 
         async def nftables_table() -> None:
-            if await in_thread(nft.listing) is not None:
-                await in_thread(nft.delete_table)
-                log.info("leftovers_removed", mode="nftables", table="ip uproxy")
+            for nft in tables:
+                if await in_thread(nft.listing) is not None:
+                    await in_thread(nft.delete_table)
+                    log.info("leftovers_removed", mode="nftables", table=f"{nft.family} uproxy")
 
         cleaners.append(nftables_table)
     if settings.mode == "nftables":

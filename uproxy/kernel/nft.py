@@ -21,7 +21,8 @@ from typing import Literal, Protocol
 from uproxy.errors import KernelError
 from uproxy.kernel.netfilter import find_tool
 
-FAMILY = "ip"
+FAMILY = "ip"  # the IPv4 table; "ip6" holds the IPv6 one
+FAMILIES = {4: "ip", 6: "ip6"}
 TABLE = "uproxy"
 _TIMEOUT = 60.0
 _ERROR_LINE = re.compile(r"^/dev/stdin:(\d+):")
@@ -101,9 +102,9 @@ class Transaction:
     def __bool__(self) -> bool:
         return bool(self.ops)
 
-    def lines(self) -> Iterator[str]:
-        """The transaction as `nft -f` input, after `add table`."""
-        where = f"{FAMILY} {TABLE}"
+    def lines(self, family: str = FAMILY) -> Iterator[str]:
+        """The transaction as `nft -f` input for table `family uproxy`, after `add table`."""
+        where = f"{family} {TABLE}"
         yield f"add table {where}"
         # Runs of elements for one map go in one command: nft parses them much faster.
         batch: list[Element] = []
@@ -181,14 +182,15 @@ class Nft(Protocol):
 class NftCommand:
     """The real `nft` command, one process per transaction. Blocks: run it in a worker thread."""
 
-    def __init__(self, tool: str = "nft") -> None:
+    def __init__(self, tool: str = "nft", family: str = FAMILY) -> None:
+        self.family = family
         exe = find_tool(tool)
         if exe is None:
             raise KernelError(f"{tool} not found (install Debian's nftables package)")
         self._exe = exe
 
     def apply(self, tx: Transaction) -> None:
-        self._run(["-f", "-"], "\n".join(tx.lines()) + "\n")
+        self._run(["-f", "-"], "\n".join(tx.lines(self.family)) + "\n")
 
     def check(self, script: str) -> None:
         """Have nft and the kernel validate `script` without applying it."""
@@ -197,16 +199,17 @@ class NftCommand:
     def listing(self) -> Listing | None:
         # Names only: listing the table itself would print every rule and element (1.5 s of
         # JSON with 10,000 services, where these take a tenth of that).
-        if TABLE not in parse_names(self._run(["-j", "list", "tables", FAMILY]), "table"):
+        if TABLE not in parse_names(self._run(["-j", "list", "tables", self.family]), "table"):
             return None
         chains, sets, maps = (
-            parse_names(self._run(["-j", "list", kind, FAMILY]), kind[:-1])
+            parse_names(self._run(["-j", "list", kind, self.family]), kind[:-1])
             for kind in ("chains", "sets", "maps")
         )
         return Listing(chains, sets, maps)
 
     def delete_table(self) -> None:
-        self._run(["-f", "-"], f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+        where = f"{self.family} {TABLE}"
+        self._run(["-f", "-"], f"add table {where}\ndelete table {where}\n")
 
     def _run(self, args: Sequence[str], stdin: str | None = None) -> str:
         try:

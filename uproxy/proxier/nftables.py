@@ -166,9 +166,10 @@ class NftablesProxier:
         if service is None:
             self._rendered.pop(name, None)
             return
-        # This is the IPv4 table: like kube-proxy's per-family proxier, it sees only the IPv4
-        # endpoints (a DNAT to an IPv6 address would fail the whole transaction).
-        endpoints = tuple(e for e in state.endpoints.get(name, ()) if _is_ipv4(e.ip))
+        # Like kube-proxy's per-family proxiers, each table sees only its family's endpoints (a
+        # DNAT to the other family's address would fail the whole transaction).
+        family = self._config.family
+        endpoints = tuple(e for e in state.endpoints.get(name, ()) if _family(e.ip) == family)
         old = self._rendered.get(name)
         if old is not None and old.service == service and old.endpoints == endpoints:
             return
@@ -197,7 +198,7 @@ class NftablesProxier:
                 chains[name] = (Chain(name), rules)
             sets.update((s.name, s) for s in r.objects.sets)
             elements += r.objects.elements
-        maps = static_maps()
+        maps = static_maps(self._config)
         existing = listing or Listing()
         tx = Transaction()
         for m in maps:
@@ -307,11 +308,11 @@ def stale_udp_flows(old: _Rendered | None, new: _Rendered | None) -> set[UdpFlow
     return matches
 
 
-def _is_ipv4(ip: str) -> bool:
+def _family(ip: str) -> int:
     try:
-        return ipaddress.ip_address(ip).version == 4
+        return ipaddress.ip_address(ip).version
     except ValueError:
-        return False
+        return 0
 
 
 def _element_order(element: Element) -> tuple[str, str]:

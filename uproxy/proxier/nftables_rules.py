@@ -47,7 +47,6 @@ REJECT = "reject-chain"
 REJECT_VERDICT = f"goto {REJECT}"
 DROP_VERDICT = "drop"
 
-_ADDRESS_MAP = "ipv4_addr . inet_proto . inet_service : verdict"
 _PORT_MAP = "inet_proto . inet_service : verdict"
 
 
@@ -59,6 +58,18 @@ class NatConfig:
     masquerade_all: bool = False
     nodeport_addresses: tuple[str, ...] = ()  # CIDRs; empty: every local address
     fully_random: bool = True  # masquerade's port choice
+    family: int = 4  # which table this is: 4 (`ip uproxy`) or 6 (`ip6 uproxy`)
+
+    @property
+    def keyword(self) -> str:
+        return "ip" if self.family == 4 else "ip6"
+
+    @property
+    def address_type(self) -> str:
+        return "ipv4_addr" if self.family == 4 else "ipv6_addr"
+
+    def address_map(self) -> str:
+        return f"{self.address_type} . inet_proto . inet_service : verdict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +90,22 @@ def _proto(service: ServicePort) -> str:
     return "tcp" if service.protocol is Protocol.TCP else "udp"
 
 
-def _ipv4(addresses: Iterable[str]) -> list[str]:
-    """The addresses this IPv4 table may take, in order, each once."""
+def of_family(addresses: Iterable[str], family: int) -> list[str]:
+    """The addresses of `family` (this table's), in order, each once."""
     out: list[str] = []
     for text in addresses:
         try:
             ip = ipaddress.ip_address(text)
         except ValueError:
             continue
-        if ip.version == 4 and str(ip) not in out:
+        if ip.version == family and str(ip) not in out:
             out.append(str(ip))
     return out
+
+
+def _identifier(text: str) -> str:
+    """nft names take letters, digits and `/-_.`, not the colons of an IPv6 address."""
+    return text.replace(":", "_")
 
 
 class _Names:
@@ -104,17 +120,21 @@ class _Names:
         self.external = f"external-{self.hash}-{self.base}"
 
     def endpoint(self, endpoint: Endpoint) -> str:
-        return f"endpoint-{self._endpoint_hash(endpoint)}-{self.base}/{endpoint.ip}/{endpoint.port}"
+        ip = _identifier(endpoint.ip)
+        return f"endpoint-{self._endpoint_hash(endpoint)}-{self.base}/{ip}/{endpoint.port}"
 
     def affinity(self, endpoint: Endpoint, timeout: int) -> str:
         # The timeout is part of the name: a set cannot change its timeout in place.
-        return f"affinity-{self._endpoint_hash(endpoint)}-{timeout}s-{self.base}/{endpoint.ip}"
+        ip = _identifier(endpoint.ip)
+        return f"affinity-{self._endpoint_hash(endpoint)}-{timeout}s-{self.base}/{ip}"
 
     def _endpoint_hash(self, endpoint: Endpoint) -> str:
         return _hash(f"{self.hash}/{endpoint.ip}/{endpoint.port}")
 
 
-def _balance(names: _Names, endpoints: Sequence[Endpoint], affinity: int | None) -> tuple[str, ...]:
+def _balance(
+    names: _Names, endpoints: Sequence[Endpoint], affinity: int | None, kw: str
+) -> tuple[str, ...]:
     """Affinity first (a client seen within the timeout keeps its endpoint), then a random
     pick with every endpoint equally likely: rule i takes the connection with probability
     1/(N-i), each drawing its own number, so each of N endpoints gets 1/N.
@@ -130,7 +150,7 @@ def _balance(names: _Names, endpoints: Sequence[Endpoint], affinity: int | None)
     rules = []
     if affinity is not None:
         rules += [
-            f"ip saddr @{names.affinity(e, affinity)} goto {names.endpoint(e)}" for e in endpoints
+            f"{kw} saddr @{names.affinity(e, affinity)} goto {names.endpoint(e)}" for e in endpoints
         ]
     count = len(endpoints)
     for i, e in enumerate(endpoints[:-1]):
@@ -145,33 +165,36 @@ def render_port(
     """The chains, affinity sets and map elements of one service port."""
     names = _Names(service)
     proto = _proto(service)
+    kw = config.keyword
     affinity = service.affinity_timeout
     chains: list[tuple[str, tuple[str, ...]]] = []
     sets: list[Set] = []
     endpoints = selection.reachable
     for e in endpoints:
-        rules = [f"ip saddr {e.ip} jump {MARK_MASQ}"]  # hairpin: it calls its own service
+        rules = [f"{kw} saddr {e.ip} jump {MARK_MASQ}"]  # hairpin: it calls its own service
         if affinity is not None:
-            rules.append(f"update @{names.affinity(e, affinity)} {{ ip saddr }}")
-            sets.append(
-                Set(names.affinity(e, affinity), "ipv4_addr", ("dynamic", "timeout"), affinity)
-            )
-        rules.append(f"meta l4proto {proto} dnat to {e.ip}:{e.port}")
+            rules.append(f"update @{names.affinity(e, affinity)} {{ {kw} saddr }}")
+            flags = ("dynamic", "timeout")
+            sets.append(Set(names.affinity(e, affinity), config.address_type, flags, affinity))
+        target = f"{e.ip}:{e.port}" if config.family == 4 else f"[{e.ip}]:{e.port}"
+        rules.append(f"meta l4proto {proto} dnat to {target}")
         chains.append((names.endpoint(e), tuple(rules)))
 
-    cluster_ips = _ipv4(service.cluster_ips)
-    external_ips = _ipv4((*service.external_ips, *service.load_balancer_ips))
+    cluster_ips = of_family(service.cluster_ips, config.family)
+    external_ips = of_family((*service.external_ips, *service.load_balancer_ips), config.family)
     masquerade: list[str] = []
     if config.masquerade_all:
         masquerade.append(f"jump {MARK_MASQ}")
-    elif config.cluster_cidr:
-        masquerade.append(f"ip saddr != {config.cluster_cidr} jump {MARK_MASQ}")
+    elif config.cluster_cidr and ipaddress.ip_network(config.cluster_cidr).version == config.family:
+        masquerade.append(f"{kw} saddr != {config.cluster_cidr} jump {MARK_MASQ}")
 
     external = bool(external_ips or service.node_port) and externally_accessible(service)
     if not selection.internal_local or (external and not selection.external_local):
-        chains.append((names.cluster, (*masquerade, *_balance(names, selection.cluster, affinity))))
+        chains.append(
+            (names.cluster, (*masquerade, *_balance(names, selection.cluster, affinity, kw)))
+        )
     if selection.internal_local or selection.external_local:
-        chains.append((names.local, _balance(names, selection.local, affinity)))
+        chains.append((names.local, _balance(names, selection.local, affinity, kw)))
     internal_chain = names.local if selection.internal_local else names.cluster
 
     if external:
@@ -216,11 +239,11 @@ def render_port(
 # -- what every table has ----------------------------------------------------------------------
 
 
-def static_maps() -> tuple[Map, ...]:
+def static_maps(config: NatConfig) -> tuple[Map, ...]:
     return (
-        Map(SERVICE_IPS, _ADDRESS_MAP),
+        Map(SERVICE_IPS, config.address_map()),
         Map(SERVICE_NODEPORTS, _PORT_MAP),
-        Map(NO_ENDPOINT_SERVICES, _ADDRESS_MAP),
+        Map(NO_ENDPOINT_SERVICES, config.address_map()),
         Map(NO_ENDPOINT_NODEPORTS, _PORT_MAP),
     )
 
@@ -228,15 +251,17 @@ def static_maps() -> tuple[Map, ...]:
 def _nodeport_match(config: NatConfig) -> list[str]:
     """Where NodePorts answer: local addresses, on --nodeport-addresses when given. Loopback is
     left out, as kube-proxy does: a DNAT from 127.0.0.1 would need route_localnet."""
-    local = "fib daddr type local ip daddr != 127.0.0.0/8"
+    kw = config.keyword
+    loopback = "127.0.0.0/8" if config.family == 4 else "::1"
+    local = f"fib daddr type local {kw} daddr != {loopback}"
     networks = [ipaddress.ip_network(c, strict=False) for c in config.nodeport_addresses]
-    v4 = [str(n) for n in networks if n.version == 4]
-    if not networks or "0.0.0.0/0" in v4:
+    mine = [str(n) for n in networks if n.version == config.family]
+    if not networks or any(ipaddress.ip_network(n).prefixlen == 0 for n in mine):
         return [local]
-    if not v4:
-        return []  # only IPv6 CIDRs given: no NodePort in this IPv4 table
-    cidrs = ", ".join(v4)
-    return [f"{local} ip daddr {{ {cidrs} }}"]
+    if not mine:
+        return []  # only the other family's CIDRs given: no NodePort in this table
+    cidrs = ", ".join(mine)
+    return [f"{local} {kw} daddr {{ {cidrs} }}"]
 
 
 def static_chains(config: NatConfig) -> tuple[tuple[Chain, tuple[str, ...]], ...]:
@@ -262,11 +287,14 @@ def static_chains(config: NatConfig) -> tuple[tuple[Chain, tuple[str, ...]], ...
         (Chain(REJECT), ("meta l4proto tcp reject with tcp reset", "reject")),
         (
             Chain(SERVICES),
-            (f"ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}", *nodeports),
+            (f"{config.keyword} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}", *nodeports),
         ),
         (
             Chain(ENDPOINTS_CHECK),
-            (f"ip daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}", *nodeports_check),
+            (
+                f"{config.keyword} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",
+                *nodeports_check,
+            ),
         ),
         (
             Chain("nat-prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
