@@ -159,6 +159,13 @@ async def test_changed_names_narrow_what_a_partial_sync_looks_at() -> None:
     assert same(fake, moved), fake.dump()
 
 
+async def test_a_full_sync_looks_at_every_port_whatever_changed_says() -> None:
+    proxier, fake, _ = make()
+    current = state((web(), THREE), (dns(), (ep("10.1.0.9", 53),)))
+    await proxier.sync(current, frozenset({DNS}))  # the first sync: nothing is known yet
+    assert same(fake, current), fake.dump()
+
+
 async def test_added_and_removed_services_keep_the_nodeport_jump_last() -> None:
     proxier, fake, clock = make()
     await proxier.sync(state((web(node_port=30080), THREE)))

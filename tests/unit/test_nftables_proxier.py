@@ -103,10 +103,8 @@ async def test_cluster_ip_and_nodeport_dispatch_to_the_service_chain() -> None:
     endpoint_chains = [n for n in nft.chains() if n.startswith("endpoint-")]
     assert len(endpoint_chains) == 2
     dnat = {nft.chains()[n][-1] for n in endpoint_chains}
-    assert dnat == {
-        "meta l4proto tcp dnat to 10.1.0.1:8080",
-        "meta l4proto tcp dnat to 10.1.0.2:8080",
-    }
+    tail = ' comment "default/web:http"'
+    assert dnat == {f"meta l4proto tcp dnat to 10.1.0.{i}:8080{tail}" for i in (1, 2)}
 
 
 async def test_no_endpoints_is_rejected_and_no_local_endpoint_is_dropped() -> None:

@@ -148,10 +148,12 @@ class IptablesProxier:
     async def sync(self, state: ProxyState, changed: Changed = None) -> None:
         async with self._lock:
             started = self._clock()
-            changes = self._render(state, changed)
-            self._unseen.update(name for name, _ in changes)
             due = started - self._last_full >= 0.9 * self._resync_period
             trusted, self._trusted = self._trusted, False  # until this sync has succeeded
+            if not trusted or due:
+                changed = None  # a full sync converges to everything, so look at everything
+            changes = self._render(state, changed)
+            self._unseen.update(name for name, _ in changes)
             kind = "full"
             if trusted and not due:
                 try:

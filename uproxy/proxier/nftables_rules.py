@@ -166,6 +166,7 @@ def render_port(
     names = _Names(service)
     proto = _proto(service)
     kw = config.keyword
+    comment = f'comment "{service.name}"'
     affinity = service.affinity_timeout
     chains: list[tuple[str, tuple[str, ...]]] = []
     sets: list[Set] = []
@@ -177,7 +178,7 @@ def render_port(
             flags = ("dynamic", "timeout")
             sets.append(Set(names.affinity(e, affinity), config.address_type, flags, affinity))
         target = f"{e.ip}:{e.port}" if config.family == 4 else f"[{e.ip}]:{e.port}"
-        rules.append(f"meta l4proto {proto} dnat to {target}")
+        rules.append(f"meta l4proto {proto} dnat to {target} {comment}")
         chains.append((names.endpoint(e), tuple(rules)))
 
     cluster_ips = of_family(service.cluster_ips, config.family)
