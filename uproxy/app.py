@@ -210,12 +210,7 @@ def build_iptables_proxier(settings: Settings) -> Proxier:
         nodeport_destinations=nodeport_destinations(settings.nodeport_addresses),
         random_fully=random_fully_supported(netfilter.backend),
     )
-    if not _ip_forwarding():
-        # Like kube-proxy, uproxy leaves the node's forwarding to its owner (kubelet, the admin).
-        log.warning(
-            "ip_forward_disabled",
-            hint="traffic from other hosts is not forwarded; set net.ipv4.ip_forward=1",
-        )
+    warn_if_not_forwarding()
     log.info(
         "iptables_mode",
         backend=netfilter.backend,
@@ -232,13 +227,6 @@ def build_iptables_proxier(settings: Settings) -> Proxier:
         leftovers=[ipvs_leftovers],
         cleanup_on_exit=settings.cleanup_on_exit,
     )
-
-
-def _ip_forwarding() -> bool:
-    try:
-        return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
-    except OSError:
-        return True  # cannot tell: say nothing
 
 
 async def ipvs_leftovers() -> None:
