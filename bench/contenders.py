@@ -2,10 +2,11 @@
 
 Every contender is reached from the client namespace and forwards through the node namespace to
 the same backend. Each names the address the client uses (`Target`): the backend itself (direct),
-a virtual IP (kernel DNAT, uproxy's portals) or the node's own address (HAProxy, nginx, which
-listen there as a user would configure them). Userspace proxies run one thread / worker each:
-uproxy is one event loop, and on a machine where generator, backend and proxy share the cores,
-more threads only add contention; the choice is the same for all, so the ratios compare engines.
+a virtual IP (kernel DNAT, uproxy's portals and iptables mode) or the node's own address
+(HAProxy, nginx, which listen there as a user would configure them). Userspace proxies run one
+thread / worker each: uproxy is one event loop, and on a machine where generator, backend and
+proxy share the cores, more threads only add contention; the choice is the same for all, so the
+ratios compare engines.
 """
 
 from __future__ import annotations
@@ -288,6 +289,17 @@ class UproxyIpvs(Uproxy):
         return "; ".join(reasons)
 
 
+class UproxyIptables(Uproxy):
+    """uproxy's iptables mode: its NAT rules forward in the kernel, as kube-proxy's default
+    mode does. The CPU figures are uproxy's process, which only syncs; the packets' cost is
+    the kernel's, as for the kernel DNAT contender."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "uvloop", ["--proxy-mode", "iptables"], "uproxy-iptables", "uproxy iptables"
+        )
+
+
 class UproxyNftables(Uproxy):
     """uproxy's nftables mode: the kernel's NAT forwards, through uproxy's own table."""
 
@@ -320,6 +332,7 @@ def all_contenders() -> list[Contender]:
         NginxStream(),
         Uproxy("uvloop"),
         Uproxy("asyncio"),
+        UproxyIptables(),
         UproxyIpvs(),
         UproxyNftables(),
     ]
