@@ -41,6 +41,9 @@ from bench.loads import LoadContext, wrk
 
 CHANGES = 5
 BACKENDS = ("nft", "legacy")
+# The rule walk also measures the nftables mode, whose dispatch is a map lookup: the comparison
+# issue 13 asks for.
+WALK_BACKENDS = (*BACKENDS, "nftables")
 
 
 def _vip(i: int) -> str:
@@ -131,17 +134,28 @@ def _save_nat(backend: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
 
+def _nftables_proxier() -> Any:
+    from uproxy.kernel.nft import NftCommand
+    from uproxy.proxier.nftables import NftablesProxier
+    from uproxy.proxier.nftables_rules import NatConfig
+
+    return NftablesProxier(
+        nft=NftCommand(), node_name="bench", config=NatConfig(), conntrack=_noop_conntrack
+    )
+
+
 async def _install_child(backend: str, ports: int, real: str) -> dict[str, Any]:
     state = _state(ports, real=real)
+    proxier = _nftables_proxier() if backend == "nftables" else _proxier(backend)
     t0 = time.perf_counter()
-    await _proxier(backend).sync(state)
+    await proxier.sync(state)
     return {"full_sync_s": time.perf_counter() - t0}
 
 
 def child_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.iptables_mode --child")
     parser.add_argument("--child", choices=("controlplane", "install"), required=True)
-    parser.add_argument("--backend", choices=BACKENDS, required=True)
+    parser.add_argument("--backend", choices=WALK_BACKENDS, required=True)
     parser.add_argument("--ports", type=int, required=True)
     parser.add_argument("--real", default=topology.BACKEND_IP)
     args = parser.parse_args(argv)
@@ -180,11 +194,13 @@ def controlplane(ports: int, runs: int) -> list[dict[str, Any]]:
     return out
 
 
-def rule_walk(ports: int, runs: int, seconds: float, workdir: Path) -> list[dict[str, Any]]:
+def rule_walk(
+    ports: int, runs: int, seconds: float, workdir: Path, backends: Sequence[str] = WALK_BACKENDS
+) -> list[dict[str, Any]]:
     """New connections/s to the first and the last of `ports` services, per backend and run."""
     out = []
     for run in range(runs):
-        for backend in BACKENDS:
+        for backend in backends:
             with topology.topology(f"walk{run}{backend[0]}") as topo:
                 work = workdir / f"walk-{backend}-{run}"
                 work.mkdir(parents=True, exist_ok=True)
@@ -245,10 +261,11 @@ def report(cp: list[dict[str, Any]], walk: list[dict[str, Any]], ports: int) -> 
             "| backend | new conn/s, first service | last service | last / first |",
             "| --- | --- | --- | --- |",
         ]
-        for backend in BACKENDS:
+        for backend in WALK_BACKENDS:
             if any(r["backend"] == backend for r in walk):
+                label = backend if backend == "nftables" else f"iptables-{backend}"
                 lines.append(
-                    f"| iptables-{backend} | {_med(walk, backend, 'first_cps'):,.0f} "
+                    f"| {label} | {_med(walk, backend, 'first_cps'):,.0f} "
                     f"| {_med(walk, backend, 'last_cps'):,.0f} "
                     f"| {_med(walk, backend, 'ratio'):.2f}x |"
                 )
@@ -261,13 +278,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--no-walk", action="store_true", help="control plane only")
+    parser.add_argument("--no-controlplane", action="store_true", help="rule walk only")
+    parser.add_argument(
+        "--walk-backends", default=",".join(WALK_BACKENDS), help="comma-separated, for the walk"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     topology.remove_stale_namespaces()
     try:
-        cp = controlplane(args.ports, args.runs)
-        walk = [] if args.no_walk else rule_walk(args.ports, args.runs, args.seconds, args.out)
+        cp = [] if args.no_controlplane else controlplane(args.ports, args.runs)
+        walk_backends = [b for b in args.walk_backends.split(",") if b]
+        walk = (
+            []
+            if args.no_walk
+            else rule_walk(args.ports, args.runs, args.seconds, args.out, walk_backends)
+        )
     finally:
         topology.remove_all_own_namespaces()
     (args.out / "iptables-mode.json").write_text(json.dumps({"controlplane": cp, "walk": walk}))
