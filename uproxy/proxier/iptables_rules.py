@@ -39,6 +39,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from uproxy.addresses import of_family
 from uproxy.endpoints import (
     EndpointSelection,
     categorize_endpoints,
@@ -138,16 +139,8 @@ def _comment(text: str) -> str:
 
 
 def _ipv4(addresses: Iterable[str]) -> list[str]:
-    """Unique IPv4 addresses in order."""
-    out: list[str] = []
-    for address in addresses:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            continue
-        if ip.version == 4 and str(ip) not in out:
-            out.append(str(ip))
-    return out
+    """Unique IPv4 addresses in order; these are iptables (IPv4) rules."""
+    return of_family(addresses, 4)
 
 
 def ipv4_endpoints(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:

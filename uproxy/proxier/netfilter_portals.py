@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from uproxy.addresses import of_family
 from uproxy.errors import KernelError, SettingsError
 from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
 from uproxy.kernel.netfilter import (
@@ -120,16 +121,8 @@ def rule_comment(name: ServicePortName) -> str:
 
 
 def _ipv4(addresses: Iterable[str]) -> list[str]:
-    """Unique IPv4 addresses in order; the rules are iptables (IPv4) rules."""
-    out: list[str] = []
-    for address in addresses:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            continue
-        if ip.version == 4 and str(ip) not in out:
-            out.append(str(ip))
-    return out
+    """Unique IPv4 addresses in order; these are iptables (IPv4) rules."""
+    return of_family(addresses, 4)
 
 
 def portal_shard(ip: str) -> str:

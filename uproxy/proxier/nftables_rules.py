@@ -25,9 +25,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from uproxy.addresses import of_family
 from uproxy.endpoints import EndpointSelection, externally_accessible
 from uproxy.kernel.nft import Chain, Element, Map, Set
 from uproxy.model import Endpoint, Protocol, ServicePort
@@ -88,19 +89,6 @@ def _hash(text: str) -> str:
 
 def _proto(service: ServicePort) -> str:
     return "tcp" if service.protocol is Protocol.TCP else "udp"
-
-
-def of_family(addresses: Iterable[str], family: int) -> list[str]:
-    """The addresses of `family` (this table's), in order, each once."""
-    out: list[str] = []
-    for text in addresses:
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            continue
-        if ip.version == family and str(ip) not in out:
-            out.append(str(ip))
-    return out
 
 
 def _identifier(text: str) -> str:
