@@ -36,6 +36,8 @@ RUN python3 -m venv /opt/uproxy \
 
 COPY README.md /src/
 COPY uproxy /src/uproxy
+# The wheel ships the bundled examples (uproxy/examples), as a pip install does.
+COPY examples /src/examples
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels /src \
  && /opt/uproxy/bin/pip install --no-deps /tmp/wheels/*.whl \
  && /opt/uproxy/bin/pip uninstall -y pip setuptools

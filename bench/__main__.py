@@ -52,6 +52,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--loads", help=f"comma-separated subset of {','.join(LOAD)}")
     parser.add_argument(
+        "--workers",
+        default="2",
+        help="comma-separated --workers counts (above 1) of extra uproxy uvloop contenders "
+        "uproxy-uvloop-wN; uproxy-uvloop itself runs one process",
+    )
+    parser.add_argument(
+        "--pin-proxy",
+        metavar="CPUS",
+        help="also run uproxy uvloop with 1 and --workers N under `taskset -c CPUS` "
+        "(contenders uproxy-uvloop-wN-pinCPUS); start the bench itself under `taskset -c` "
+        "other CPUs to keep the load generator and backend off them",
+    )
+    parser.add_argument(
         "--no-controlplane", action="store_true", help="skip the control-plane figures"
     )
     args = parser.parse_args(argv)
@@ -103,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_count=1000,
         quick=quick,
     )
-    contenders = _select(all_contenders(), args.contenders)
+    workers = [int(n) for n in args.workers.split(",") if n.strip() and int(n) > 1]
+    contenders = _select(all_contenders(workers, args.pin_proxy), args.contenders)
     loads = [LOAD[k.strip()] for k in args.loads.split(",")] if args.loads else list(LOADS)
     cp_sizes = (1000, 10000)
     out: Path = args.out

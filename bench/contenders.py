@@ -230,10 +230,19 @@ class Uproxy(_DaemonContender):
 
     wrapper: tuple[str, ...] = ()  # a command the uproxy process is started through
 
-    def __init__(self, loop: str, extra: Sequence[str] = (), key: str = "", label: str = ""):
+    def __init__(
+        self,
+        loop: str,
+        extra: Sequence[str] = (),
+        key: str = "",
+        label: str = "",
+        wrapper: Sequence[str] = (),
+    ):
         super().__init__()
         self.loop = loop
         self.extra = tuple(extra)
+        if wrapper:  # else the class's (the IPVS contender runs inside a VM helper)
+            self.wrapper = tuple(wrapper)
         self.key = key or f"uproxy-{loop}"
         self.label = label or f"uproxy {loop}"
 
@@ -324,13 +333,31 @@ def _uproxy_has_ipvs() -> bool:
     return "--proxy-mode" in out and "ipvs" in out
 
 
-def all_contenders() -> list[Contender]:
+def userspace_workers(workers: int, pin_proxy: str | None = None) -> Uproxy:
+    """uproxy userspace on uvloop with --workers N, optionally pinned (`taskset -c CPUS`)."""
+    pin = ("taskset", "-c", pin_proxy) if pin_proxy else ()
+    suffix = f"-pin{pin_proxy.replace(',', '_')}" if pin_proxy else ""
+    return Uproxy(
+        "uvloop",
+        ["--workers", str(workers)],
+        f"uproxy-uvloop-w{workers}{suffix}",
+        f"uproxy uvloop {workers}w" + (f" on CPU {pin_proxy}" if pin_proxy else ""),
+        wrapper=pin,
+    )
+
+
+def all_contenders(workers: Sequence[int] = (2,), pin_proxy: str | None = None) -> list[Contender]:
+    pinned: list[Contender] = []
+    if pin_proxy:
+        pinned = [userspace_workers(n, pin_proxy) for n in (1, *workers)]
     return [
         Direct(),
         KernelDnat(),
         HAProxy(),
         NginxStream(),
         Uproxy("uvloop"),
+        *(userspace_workers(n) for n in workers),
+        *pinned,
         Uproxy("asyncio"),
         UproxyIptables(),
         UproxyIpvs(),

@@ -126,6 +126,7 @@ class Report:
         for f in FIGURES:
             cells = [self._value_cell(c.key, f.key) for c in cols]
             out.append(_row([f.label, f.unit, *cells]))
+        out += ["", *self._hold_lines(cols)]
         out += ["", "## Ratios against HAProxy (nginx stream for UDP)", ""]
         out += [
             "Above 1 is better for throughput figures, below 1 is better for latency and memory.",
@@ -157,6 +158,23 @@ class Report:
         out += ["", "## Notes", ""]
         out += [f"- {note}" for note in self.notes]
         return "\n".join(out) + "\n"
+
+    def _hold_lines(self, cols: Sequence[Contender]) -> list[str]:
+        """Whether new connections/s held up over back-to-back rounds (client TIME_WAIT)."""
+        held = []
+        for c in cols:
+            spread = self.spreads.get(c.key, {}).get("http_cps_hold")
+            if spread is not None:
+                verdict = "held" if spread.low >= 0.9 else "**did not hold**"
+                held.append(f"{c.label} {verdict} ({spread.low:.2f}x at worst)")
+        if not held:
+            return []
+        return [
+            "New connections/s are measured in 5 rounds in a row, without pauses, from a client "
+            "with a pod's default sysctls; the last round against the first, 0.9x to hold: "
+            + "; ".join(held)
+            + "."
+        ]
 
     def _value_cell(self, contender: str, figure: str) -> str:
         spread = self.spreads.get(contender, {}).get(figure)

@@ -176,6 +176,15 @@ def dataplane_targets(
         )
     else:
         targets.append(Target("p50 latency added over direct", "<= HAProxy's", "n/a", None))
+    hold = spreads(table).get(subject, {}).get("http_cps_hold")
+    targets.append(
+        Target(
+            "new connections/s, last of 5 rounds in a row vs the first (worst round)",
+            ">= 0.9x",
+            "n/a" if hold is None else f"{hold.low:.2f}x",
+            None if hold is None else hold.low >= 0.9,
+        )
+    )
     rss = spreads(table).get(subject, {}).get("idle_rss")
     targets.append(
         Target(

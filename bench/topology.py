@@ -28,17 +28,14 @@ BACKEND_IP = "10.0.2.2"
 DNAT_VIP = "10.96.0.2"
 SERVICE_VIP = "10.96.0.10"
 
-# Per-namespace sysctls. Wide port ranges and TIME_WAIT reuse keep the connections-per-second
-# load from running out of ephemeral ports; a short conntrack TIME_WAIT keeps the node's
-# conntrack table (NAT contenders) small after a few hundred thousand short connections.
-_CLIENT_SYSCTLS = {
-    "net.ipv4.ip_local_port_range": "1024 65535",
-    "net.ipv4.tcp_tw_reuse": "1",
-}
+# Per-namespace sysctls. The client keeps a pod's defaults (no ephemeral-port or TIME_WAIT
+# tuning): a proxy that makes the client close first must show it. The node and the backend
+# get only server-side settings a node or a server is commonly given: forwarding, listen
+# backlogs, and a short conntrack TIME_WAIT that keeps the node's conntrack table (NAT
+# contenders) small after a few hundred thousand short connections.
+_CLIENT_SYSCTLS: dict[str, str] = {}
 _NODE_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
-    "net.ipv4.ip_local_port_range": "1024 65535",
-    "net.ipv4.tcp_tw_reuse": "1",
     "net.core.somaxconn": "65535",
     "net.ipv4.tcp_max_syn_backlog": "65535",
     "net.netfilter.nf_conntrack_tcp_timeout_time_wait": "5",
@@ -46,7 +43,6 @@ _NODE_SYSCTLS = {
 _BACKEND_SYSCTLS = {
     "net.core.somaxconn": "65535",
     "net.ipv4.tcp_max_syn_backlog": "65535",
-    "net.ipv4.tcp_tw_reuse": "1",
 }
 
 

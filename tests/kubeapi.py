@@ -54,6 +54,7 @@ class ResourceType:
     kind: str
     api_version: str
     prefix: str  # "/api/v1" or "/apis/GROUP/VERSION"
+    namespaced: bool = True
 
     @property
     def list_kind(self) -> str:
@@ -64,8 +65,9 @@ SERVICES = ResourceType("services", "Service", "v1", "/api/v1")
 ENDPOINT_SLICES = ResourceType(
     "endpointslices", "EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1"
 )
-RESOURCES = {r.plural: r for r in (SERVICES, ENDPOINT_SLICES)}
-BY_KIND = {r.kind: r for r in (SERVICES, ENDPOINT_SLICES)}
+NODES = ResourceType("nodes", "Node", "v1", "/api/v1", namespaced=False)
+RESOURCES = {r.plural: r for r in (SERVICES, ENDPOINT_SLICES, NODES)}
+BY_KIND = {r.kind: r for r in (SERVICES, ENDPOINT_SLICES, NODES)}
 
 
 # --- object builders (API form, as the apiserver would return them after defaulting) ----------
@@ -142,6 +144,15 @@ class Requirement:
     key: str
     op: str  # "exists", "!exists", "=", "!="
     value: str = ""
+    field: bool = False  # a field selector's (metadata.name=...), not a label's
+
+    def matches_object(self, obj: Mapping[str, Any]) -> bool:
+        if not self.field:
+            return self.matches(obj.get("metadata", {}).get("labels") or {})
+        value: Any = obj
+        for part in self.key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        return self.matches({self.key: value} if value is not None else {})
 
     def matches(self, labels: Mapping[str, Any]) -> bool:
         match self.op:
@@ -153,6 +164,14 @@ class Requirement:
                 return labels.get(self.key) == self.value
             case _:
                 return labels.get(self.key) != self.value
+
+
+def parse_field_selector(text: str) -> tuple[Requirement, ...]:
+    """Field selectors (`metadata.name=x`, `a!=b`), as the API server takes them."""
+    requirements = parse_selector(text)
+    if any(r.op not in ("=", "!=") for r in requirements):
+        raise ValueError(f"unsupported field selector {text!r}")
+    return tuple(Requirement(r.key, r.op, r.value, field=True) for r in requirements)
 
 
 def parse_selector(text: str) -> tuple[Requirement, ...]:
@@ -180,8 +199,7 @@ def parse_selector(text: str) -> tuple[Requirement, ...]:
 def selector_matches(requirements: Iterable[Requirement], obj: Mapping[str, Any] | None) -> bool:
     if obj is None:
         return False
-    labels = obj.get("metadata", {}).get("labels") or {}
-    return all(r.matches(labels) for r in requirements)
+    return all(r.matches_object(obj) for r in requirements)
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -353,7 +371,8 @@ class KubeApiServer:
         new = copy.deepcopy(dict(obj))
         new["apiVersion"] = resource.api_version
         meta = new.setdefault("metadata", {})
-        meta.setdefault("namespace", "default")
+        if resource.namespaced:
+            meta.setdefault("namespace", "default")
         key = _key(new)
         old = self.objects[resource].get(key)
         self.version += 1
@@ -459,6 +478,7 @@ class KubeApiServer:
                 return web.json_response(_status(code, "InternalError", "injected"), status=code)
             try:
                 selector = parse_selector(query.get("labelSelector", ""))
+                selector += parse_field_selector(query.get("fieldSelector", ""))
             except ValueError as e:
                 return web.json_response(_status(400, "BadRequest", str(e)), status=400)
             namespace = request.match_info.get("namespace")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +50,17 @@ class UproxyProcess:
         prefix: Sequence[str] = (),
         preexec_fn: Callable[[], None] | None = None,
         python_args: Sequence[str] = ("-m", "uproxy"),
+        cwd: Path = REPO,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         cmd = [*prefix, sys.executable, *python_args, *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            cwd=REPO,
-            env=env,
+            cwd=cwd,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
             preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
@@ -127,7 +128,13 @@ class UproxyProcess:
             self.proc.wait()
             raise
         finally:
-            self._reader.join(timeout=5)
+            self._close_output()
+
+    def _close_output(self) -> None:
+        """Once the process is gone, the reader sees EOF and the pipe can be closed."""
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
 
     def __enter__(self) -> UproxyProcess:
         return self
@@ -136,4 +143,4 @@ class UproxyProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(timeout=5)
+        self._close_output()

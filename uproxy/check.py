@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from uproxy.endpoints import categorize_endpoints, endpoints_for_port
 from uproxy.model import EndpointSlice, ServicePort
-from uproxy.sources.manifest_loader import load_paths, merge_files
+from uproxy.sources.manifest_loader import load_report, merge_files
 
 HEADERS = (
     "SERVICE PORT",
@@ -60,11 +60,28 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def check_paths(paths: Sequence[Path]) -> tuple[str, list[str]]:
-    """A table of every service port the manifests under `paths` define, and every error."""
-    files, errors = load_paths(paths)
-    merged, _ = merge_files(files.values())  # duplicate errors are already in `errors`
+@dataclass(frozen=True)
+class CheckResult:
+    # None when the manifests define no service port: a header with no rows says nothing.
+    table: str | None
+    errors: list[str]
+    warnings: list[str]
+    other_kinds_refused: bool  # some errors are objects of other kinds (--allow-other-kinds)
+
+
+def check_paths(paths: Sequence[Path], *, allow_other_kinds: bool = False) -> CheckResult:
+    """A table of every service port the manifests under `paths` define, every error, and
+    every object that would be ignored: an error, except objects of other kinds when allowed."""
+    report = load_report(paths)
+    merged, _ = merge_files(report.files.values())  # duplicate errors are already in `errors`
     slices = list(merged.slices.values())
     ports = sorted((p for ps in merged.services.values() for p in ps), key=lambda p: p.name)
-    table = format_table([HEADERS, *(_row(p, slices) for p in ports)])
-    return table, [str(e) for e in errors]
+    table = format_table([HEADERS, *(_row(p, slices) for p in ports)]) if ports else None
+    path_level = [id(e) for e in report.unusable.values()]
+    errors = [str(e) for e in report.errors if id(e) not in path_level]
+    warnings: list[str] = []
+    for ignored in report.ignored:
+        (warnings if allow_other_kinds and ignored.other_kind else errors).append(str(ignored))
+    errors += [str(e) for e in report.errors if id(e) in path_level]
+    refused = not allow_other_kinds and any(i.other_kind for i in report.ignored)
+    return CheckResult(table, errors, warnings, refused)

@@ -28,12 +28,19 @@ async def cleanup_netfilter(backends: Sequence[Netfilter]) -> list[str]:
         try:
             await in_thread(netfilter.delete_everything)
         except ToolMissing as exc:
-            log.info("cleanup_skipped", backend=netfilter.backend, reason=str(exc))
+            log.info(
+                "cleanup_skipped",
+                backend=netfilter.backend,
+                family=netfilter.family,
+                reason=str(exc),
+            )
         except KernelError as exc:
-            log.error("cleanup_failed", backend=netfilter.backend, error=str(exc))
-            errors.append(f"{netfilter.backend}: {exc}")
+            log.error(
+                "cleanup_failed", backend=netfilter.backend, family=netfilter.family, error=str(exc)
+            )
+            errors.append(f"{netfilter.backend} (IPv{netfilter.family}): {exc}")
         else:
-            log.info("cleanup_done", backend=netfilter.backend)
+            log.info("cleanup_done", backend=netfilter.backend, family=netfilter.family)
     return errors
 
 

@@ -33,7 +33,13 @@ from uproxy.demo.services import (
 )
 from uproxy.errors import SettingsError, UproxyError
 from uproxy.logs import configure_logging
-from uproxy.settings import Settings, parse_bind_address, parse_duration, parse_port_range
+from uproxy.settings import (
+    Settings,
+    parse_bind_address,
+    parse_duration,
+    parse_port_range,
+    parse_workers,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +66,7 @@ _log_options = [
         type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
         default="info",
         show_default=True,
+        help="The least severe log events shown.",
     ),
     click.option(
         "--log-format",
@@ -114,7 +121,8 @@ def cli() -> None:
 @click.option(
     "--cluster-cidr",
     default=None,
-    help="The pods' IPv4 CIDR (kernel modes): ClusterIP traffic from outside it is masqueraded.",
+    help="The pods' CIDR (kernel modes), or one per IP family, comma-separated "
+    "(10.244.0.0/16,fd00:10:244::/56): ClusterIP traffic from outside it is masqueraded.",
 )
 @click.option(
     "--masquerade-all",
@@ -126,6 +134,7 @@ def cli() -> None:
     type=click.Choice(["rr", "lc", "wlc", "sh", "dh", "sed", "nq", "mh"]),
     default="rr",
     show_default=True,
+    help="The IPVS scheduler when the proxy mode is ipvs (the kernel must have it).",
 )
 @click.option(
     "--ipvs-graceful-period",
@@ -146,8 +155,29 @@ def cli() -> None:
     default=None,
     help="This node's name, for Local traffic policies. Default: $NODE_NAME, else the hostname.",
 )
-@click.option("--min-sync-period", type=DURATION, default="1s", show_default=True)
-@click.option("--sync-period", type=DURATION, default="30s", show_default=True)
+@click.option(
+    "--node-zone",
+    default=None,
+    help="This node's topology zone, for topology-aware routing (hints.forZones). "
+    "Default: the topology.kubernetes.io/zone label of this node's Node object "
+    "(from the API, or a Node manifest under --config).",
+)
+@click.option(
+    "--min-sync-period",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    help="The minimum interval of how often the rules and listeners can be refreshed as "
+    "endpoints and services change (e.g. '5s', '1m', '2h22m'); 0 applies every change at once.",
+)
+@click.option(
+    "--sync-period",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="The maximum interval of how often the rules are fully refreshed, repairing drift "
+    "(e.g. '5s', '1m', '2h22m'). Must be greater than 0.",
+)
 @click.option(
     "--udp-timeout",
     type=DURATION,
@@ -163,6 +193,47 @@ def cli() -> None:
     help="UDP sessions per service port.",
 )
 @click.option(
+    "--tcp-keepalive/--no-tcp-keepalive",
+    default=True,
+    show_default=True,
+    help="TCP keepalive on both legs of every proxied connection.",
+)
+@click.option(
+    "--tcp-keepalive-idle",
+    type=DURATION,
+    default="15s",
+    show_default=True,
+    help="How long a connection is idle before the first keepalive probe.",
+)
+@click.option(
+    "--tcp-keepalive-interval",
+    type=DURATION,
+    default="15s",
+    show_default=True,
+    help="Time between keepalive probes.",
+)
+@click.option(
+    "--tcp-keepalive-count",
+    type=click.IntRange(1, 127),
+    default=9,
+    show_default=True,
+    help="Unanswered probes before a peer is given up as dead.",
+)
+@click.option(
+    "--tcp-idle-timeout",
+    type=DURATION,
+    default="0",
+    show_default=True,
+    help="Close a TCP connection idle in both directions this long; 0: never.",
+)
+@click.option(
+    "--tcp-linger-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="How long a closed connection may take to deliver its last data before a reset.",
+)
+@click.option(
     "--shutdown-grace",
     type=DURATION,
     default="5s",
@@ -170,7 +241,11 @@ def cli() -> None:
     help="How long SIGTERM waits for open connections.",
 )
 @click.option(
-    "--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True
+    "--event-loop",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+    help="The event loop the listeners run on: uvloop (faster) or the standard library's asyncio.",
 )
 @click.option(
     "--portals/--no-portals",
@@ -183,6 +258,8 @@ def cli() -> None:
     type=click.Choice(["auto", "legacy", "nft"]),
     default="auto",
     show_default=True,
+    help="The iptables backend for portals and the iptables mode: legacy (x_tables), nft "
+    "(iptables-nft), or auto: the one already holding rules, else the one `iptables` is.",
 )
 @click.option(
     "--nodeport-addresses",
@@ -209,6 +286,27 @@ def cli() -> None:
     show_default=True,
     help="How often FQDN endpoints are resolved again.",
 )
+@click.option(
+    "--fqdn-families",
+    type=click.Choice(["service", "IPv4", "IPv6", "both"]),
+    default="service",
+    show_default=True,
+    help="Which address families FQDN endpoints resolve to: the Service's own (those of its "
+    "virtual IPs; both when it has none), or IPv4, IPv6 or both regardless.",
+)
+@click.option(
+    "--lock-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The lock that keeps one uproxy per network namespace. "
+    "Default: /run/uproxy/netns-<inode>.lock, taken unless --no-portals in userspace mode.",
+)
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    help="Userspace mode: forwarding processes sharing every proxy port; 'auto': usable CPUs.",
+)
 @log_options
 def run(
     config_paths: tuple[Path, ...],
@@ -224,10 +322,17 @@ def run(
     bind_address: str,
     proxy_port_range: str,
     hostname_override: str | None,
+    node_zone: str | None,
     min_sync_period: float,
     sync_period: float,
     udp_timeout: float,
     udp_max_sessions: int,
+    tcp_keepalive: bool,
+    tcp_keepalive_idle: float,
+    tcp_keepalive_interval: float,
+    tcp_keepalive_count: int,
+    tcp_idle_timeout: float,
+    tcp_linger_timeout: float,
     shutdown_grace: float,
     event_loop: str,
     portals: bool,
@@ -237,6 +342,9 @@ def run(
     healthz_bind_address: str,
     metrics_bind_address: str,
     dns_refresh_period: float,
+    fqdn_families: str,
+    lock_file: Path | None,
+    workers: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -262,10 +370,17 @@ def run(
             bind_address=bind_address,
             proxy_port_range=parse_port_range(proxy_port_range),
             hostname=hostname_override or os.environ.get("NODE_NAME") or socket.gethostname(),
+            node_zone=node_zone,
             min_sync_period=min_sync_period,
             sync_period=sync_period,
             udp_timeout=udp_timeout,
             udp_max_sessions=udp_max_sessions,
+            tcp_keepalive=tcp_keepalive,
+            tcp_keepalive_idle=tcp_keepalive_idle,
+            tcp_keepalive_interval=tcp_keepalive_interval,
+            tcp_keepalive_count=tcp_keepalive_count,
+            tcp_idle_timeout=tcp_idle_timeout or None,
+            tcp_linger_timeout=tcp_linger_timeout,
             shutdown_grace=shutdown_grace,
             event_loop=event_loop,  # type: ignore[arg-type]
             log_level=log_level,
@@ -275,8 +390,11 @@ def run(
             nodeport_addresses=tuple(c.strip() for c in nodeport_addresses.split(",") if c.strip()),
             cleanup_on_exit=cleanup_on_exit,
             dns_refresh_period=dns_refresh_period,
+            fqdn_families=fqdn_families,  # type: ignore[arg-type]
             healthz_bind_address=parse_bind_address(healthz_bind_address, "--healthz-bind-address"),
             metrics_bind_address=parse_bind_address(metrics_bind_address, "--metrics-bind-address"),
+            lock_file=lock_file,
+            workers=parse_workers(workers, len(os.sched_getaffinity(0))),
         )
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
@@ -307,16 +425,31 @@ def run(
     type=click.Path(path_type=Path),
     help="Manifest file or directory. Repeatable.",
 )
-def check(config_paths: tuple[Path, ...]) -> None:
-    """Validate manifests and print the services they define."""
+@click.option(
+    "--allow-other-kinds",
+    is_flag=True,
+    help="Objects of kinds uproxy does not read (Deployments beside the Services, say) are "
+    "warnings, not errors.",
+)
+def check(config_paths: tuple[Path, ...], allow_other_kinds: bool) -> None:
+    """Validate manifests and print the services they define. Exit 1 on any error and on
+    anything `uproxy run` would ignore."""
     from uproxy.check import check_paths
 
-    table, errors = check_paths(config_paths)
-    click.echo(table)
-    for error in errors:
+    result = check_paths(config_paths, allow_other_kinds=allow_other_kinds)
+    if result.table is not None:
+        click.echo(result.table)
+    elif not result.errors:
+        click.echo("no service ports")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for error in result.errors:
         click.echo(f"error: {error}", err=True)
-    if errors:
-        click.echo(f"{len(errors)} error(s)", err=True)
+    if result.errors:
+        hint = " (--allow-other-kinds accepts objects of other kinds)"
+        click.echo(
+            f"{len(result.errors)} error(s){hint if result.other_kinds_refused else ''}", err=True
+        )
         sys.exit(1)
 
 
@@ -328,14 +461,20 @@ def check(config_paths: tuple[Path, ...]) -> None:
     show_default=True,
     help="auto cleans both backends.",
 )
+@click.option(
+    "--lock-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The running uproxy's --lock-file, if it was given one.",
+)
 @log_options
-def cleanup(iptables_backend: str, log_level: str, log_format: str) -> None:
+def cleanup(iptables_backend: str, lock_file: Path | None, log_level: str, log_format: str) -> None:
     """Remove every chain, rule, IPVS virtual server, address and interface uproxy owns."""
     configure_logging(log_level, log_format)  # type: ignore[arg-type]
     from uproxy.app import cleanup as cleanup_all
 
     try:
-        asyncio.run(cleanup_all(iptables_backend))  # type: ignore[arg-type]
+        asyncio.run(cleanup_all(iptables_backend, lock_file))  # type: ignore[arg-type]
     except UproxyError as exc:
         log.error("cleanup_failed", error=str(exc))
         sys.exit(1)
@@ -384,6 +523,7 @@ def status(address: str, as_json: bool) -> None:
     type=click.Choice(["auto", "legacy", "nft"]),
     default="auto",
     show_default=True,
+    help="The iptables backend of the demo's uproxy (see `uproxy run --help`).",
 )
 @click.option("--keep-running", is_flag=True, help="Keep everything up until Ctrl-C.")
 @click.option("--verbose", "-v", is_flag=True, help="Show uproxy's log.")
@@ -450,6 +590,24 @@ def demo_role_client(**options: Any) -> None:
     from uproxy.demo.roles import ClientArgs, run_client
 
     sys.exit(run_client(ClientArgs(**options)))
+
+
+@cli.command(hidden=True)
+@click.option("--fd", type=int, required=True, help="The channel to the main process.")
+@click.option("--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop")
+@log_options
+def worker(fd: int, event_loop: str, log_level: str, log_format: str) -> None:
+    """A forwarding worker of `uproxy run --workers N` (started by it, not by hand)."""
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    from uproxy.loops import loop_factory
+    from uproxy.workers.child import serve_worker
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:  # type: ignore[arg-type]
+            runner.run(serve_worker(fd))
+    except UproxyError as exc:
+        log.error("fatal", error=str(exc), error_type=type(exc).__name__)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from uproxy.model import (
     MAX_AFFINITY_TIMEOUT,
     AddressType,
     EndpointSlice,
+    NodeInfo,
     ObjectKey,
     Protocol,
     ServicePort,
@@ -29,6 +30,8 @@ from uproxy.model import (
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+DRAIN_TAINT = "ToBeDeletedByClusterAutoscaler"
 # Services carrying these labels belong to another proxy (or are headless); kube-proxy skips them.
 SKIP_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
 
@@ -62,7 +65,16 @@ class SkippedObject:
     reason: str
 
 
-Converted = ServiceResult | SliceResult | SkippedObject
+@dataclass(frozen=True, slots=True)
+class NodeResult:
+    node: NodeInfo
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey("", self.node.name)  # Nodes have no namespace
+
+
+Converted = ServiceResult | SliceResult | SkippedObject | NodeResult
 
 
 # --- low-level readers ------------------------------------------------------------------------
@@ -255,11 +267,42 @@ def _load_balancer_ips(r: _Reader, obj: Mapping[str, Any]) -> tuple[str, ...]:
     ips: list[str] = []
     for i, entry in enumerate(ingress):
         field = f"status.loadBalancer.ingress[{i}]"
-        ip = r.mapping(entry, field).get("ip")
+        item = r.mapping(entry, field)
+        ip = item.get("ip")
+        # ipMode Proxy: the address is the load balancer's own, which proxies to the node
+        # ports; a node that claimed it would short-circuit the load balancer (kube-proxy
+        # leaves such addresses alone since 1.32).
+        mode = r.choice(item.get("ipMode"), f"{field}.ipMode", ("VIP", "Proxy"), "VIP")
         # Hostname-only ingress entries (AWS ELB style) have nothing for a proxy to bind.
-        if ip not in (None, ""):
+        if ip not in (None, "") and mode == "VIP":
             ips.append(r.ip(ip, f"{field}.ip"))
     return _unique(ips)
+
+
+def _source_ranges(r: _Reader, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    raw = r.items(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
+    ranges: list[str] = []
+    for i, value in enumerate(raw):
+        field = f"spec.loadBalancerSourceRanges[{i}]"
+        text = r.string(value, field).strip()
+        try:
+            # The API server accepts host bits (Go's ParseCIDR), and so does kube-proxy.
+            ranges.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            r.fail(field, f"{text!r} is not a CIDR (such as 203.0.113.0/24)")
+    return _unique(ranges)
+
+
+def _health_check_node_port(
+    r: _Reader, spec: Mapping[str, Any], external_local: bool
+) -> int | None:
+    # kube-proxy's NeedsHealthCheck: only a LoadBalancer with externalTrafficPolicy Local.
+    if spec.get("type") != "LoadBalancer" or not external_local:
+        return None
+    raw = spec.get("healthCheckNodePort")
+    if raw in (None, 0):
+        return None
+    return r.integer(raw, "spec.healthCheckNodePort", 1, 65535)
 
 
 def _of_families(ips: tuple[str, ...], families: AbstractSet[int]) -> tuple[str, ...]:
@@ -354,6 +397,8 @@ def _convert_service(obj: Mapping[str, Any], meta: _Meta) -> tuple[ServicePort, 
     affinity = _affinity_timeout(r, spec)
     internal_local = _is_local(r, spec, "internalTrafficPolicy")
     external_local = _is_local(r, spec, "externalTrafficPolicy")
+    source_ranges = _source_ranges(r, spec)
+    health_check_node_port = _health_check_node_port(r, spec, external_local)
     return tuple(
         ServicePort(
             name=ServicePortName(meta.key.namespace, meta.key.name, p.name),
@@ -366,6 +411,8 @@ def _convert_service(obj: Mapping[str, Any], meta: _Meta) -> tuple[ServicePort, 
             affinity_timeout=affinity,
             internal_traffic_local=internal_local,
             external_traffic_local=external_local,
+            load_balancer_source_ranges=source_ranges,
+            health_check_node_port=health_check_node_port,
         )
         for p in _port_specs(r, spec)
     )
@@ -412,6 +459,7 @@ def _slice_endpoint(r: _Reader, raw: object, field: str, family: AddressType) ->
     ready = r.boolean(conditions.get("ready"), f"{field}.conditions.ready", True)
     serving = r.boolean(conditions.get("serving"), f"{field}.conditions.serving", ready)
     terminating = r.boolean(conditions.get("terminating"), f"{field}.conditions.terminating", False)
+    hints = r.mapping(entry.get("hints"), f"{field}.hints")
     return SliceEndpoint(
         addresses=addresses,
         ready=ready,
@@ -419,7 +467,17 @@ def _slice_endpoint(r: _Reader, raw: object, field: str, family: AddressType) ->
         terminating=terminating,
         node_name=r.optional_string(entry.get("nodeName"), f"{field}.nodeName"),
         zone=r.optional_string(entry.get("zone"), f"{field}.zone"),
+        zone_hints=_hint_names(r, hints.get("forZones"), f"{field}.hints.forZones"),
+        node_hints=_hint_names(r, hints.get("forNodes"), f"{field}.hints.forNodes"),
     )
+
+
+def _hint_names(r: _Reader, raw: object, field: str) -> tuple[str, ...]:
+    names = (
+        r.string(r.mapping(item, f"{field}[{i}]").get("name"), f"{field}[{i}].name")
+        for i, item in enumerate(r.items(raw, field))
+    )
+    return tuple(sorted({name for name in names if name}))
 
 
 def _service_of_slice(meta: _Meta) -> str:
@@ -456,6 +514,23 @@ def convert_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
     return _convert_slice(obj, meta, service)
 
 
+# --- Nodes ------------------------------------------------------------------------------------
+
+
+def convert_node(obj: Mapping[str, Any]) -> NodeInfo:
+    """A v1 Node as the topology uproxy needs of it."""
+    meta = _metadata(obj, "Node")
+    r = meta.reader
+    zone = r.string(meta.labels.get(ZONE_LABEL), f"metadata.labels.{ZONE_LABEL}")
+    deleting = r.mapping(obj.get("metadata"), "metadata").get("deletionTimestamp") is not None
+    spec = r.mapping(obj.get("spec"), "spec")
+    taints = r.items(spec.get("taints"), "spec.taints")
+    draining = any(
+        r.mapping(t, f"spec.taints[{i}]").get("key") == DRAIN_TAINT for i, t in enumerate(taints)
+    )
+    return NodeInfo(meta.key.name, zone, eligible=not (deleting or draining))
+
+
 # --- dispatch ---------------------------------------------------------------------------------
 
 
@@ -473,10 +548,13 @@ def _object_result(obj: Mapping[str, Any], kind: str) -> Converted:
 
 
 def convert_object(obj: Mapping[str, Any]) -> Converted | None:
-    """Convert a v1 Service or a discovery.k8s.io/v1 EndpointSlice; None for any other kind."""
+    """Convert a v1 Service, a discovery.k8s.io/v1 EndpointSlice or a v1 Node (for its zone);
+    None for any other kind."""
     match (obj.get("apiVersion"), obj.get("kind")):
         case ("v1", "Service"):
             return _object_result(obj, "Service")
+        case ("v1", "Node"):
+            return NodeResult(convert_node(obj))
         case ("discovery.k8s.io/v1", "EndpointSlice"):
             return _object_result(obj, "EndpointSlice")
         case _:

@@ -13,6 +13,7 @@ Every proxier calls these two and nothing else decides, so the modes cannot drif
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ def _ip_sort_key(ip: str) -> tuple[int, int, str]:
     return (address.version, int(address), ip)
 
 
-def _rank(endpoint: Endpoint) -> tuple[bool, bool, bool]:
-    return (endpoint.ready, endpoint.serving, not endpoint.terminating)
+def _rank(endpoint: Endpoint, node_name: str) -> tuple[bool, bool, bool, bool]:
+    local = bool(node_name) and endpoint.node_name == node_name
+    return (local, endpoint.ready, endpoint.serving, not endpoint.terminating)
 
 
 def endpoints_for_port(
@@ -44,6 +46,7 @@ def endpoints_for_port(
     port_name: ServicePortName,
     protocol: Protocol,
     *,
+    node_name: str = "",
     include_fqdn: bool = False,
 ) -> tuple[Endpoint, ...]:
     """Every endpoint of one service port across all of the service's slices, sorted by address.
@@ -51,6 +54,10 @@ def endpoints_for_port(
     Only the first address of each slice endpoint counts (Kubernetes treats the rest as
     interchangeable). FQDN slices are skipped unless `include_fqdn`, in which case their hostnames
     stand in for IPs; that is only useful for display.
+
+    The same address can sit in two slices while they are being rewritten. As in kube-proxy's
+    slice cache, the copy on this node (`node_name`) wins, since the Local traffic policies
+    depend on it; between copies equally local, the healthier report wins.
     """
     found: dict[tuple[str, int], Endpoint] = {}
     for slice_ in sorted(slices, key=lambda s: s.key):
@@ -70,11 +77,11 @@ def endpoints_for_port(
                     terminating=ep.terminating,
                     node_name=ep.node_name,
                     zone=ep.zone,
+                    zone_hints=ep.zone_hints,
+                    node_hints=ep.node_hints,
                 )
-                # The same address can sit in two slices while they are being rebalanced; the
-                # healthier report wins.
                 known = found.get(candidate.address)
-                if known is None or _rank(candidate) > _rank(known):
+                if known is None or _rank(candidate, node_name) > _rank(known, node_name):
                     found[candidate.address] = candidate
     return tuple(sorted(found.values(), key=lambda e: (_ip_sort_key(e.ip), e.port)))
 
@@ -148,21 +155,61 @@ def _serving_terminating(endpoint: Endpoint) -> bool:
     return endpoint.serving and endpoint.terminating
 
 
+class Topology(enum.Enum):
+    """Which topology hints Cluster-policy traffic follows (kube-proxy's topology modes)."""
+
+    NONE = ""
+    SAME_NODE = "PreferSameNode"
+    SAME_ZONE = "PreferSameZone"
+
+
+def topology_mode(endpoints: Sequence[Endpoint], node_name: str, zone: str) -> Topology:
+    """kube-proxy's topologyModeFromHints.
+
+    Hints are followed only when every ready endpoint carries them and at least one is hinted
+    for this node (or its zone); otherwise traffic goes everywhere, so a half-rolled-out hint
+    or a node without a zone label never leaves a service with no endpoints.
+    """
+    ready = [e for e in endpoints if e.ready]
+    if not ready:
+        return Topology.NONE
+    if all(e.node_hints for e in ready) and any(node_name in e.node_hints for e in ready):
+        return Topology.SAME_NODE
+    if all(e.zone_hints for e in ready) and any(zone in e.zone_hints for e in ready):
+        return Topology.SAME_ZONE
+    return Topology.NONE
+
+
+def _available_for_topology(endpoint: Endpoint, mode: Topology, node_name: str, zone: str) -> bool:
+    if mode is Topology.SAME_NODE:
+        return node_name in endpoint.node_hints
+    if mode is Topology.SAME_ZONE:
+        return zone in endpoint.zone_hints
+    return True
+
+
 def categorize_endpoints(
-    endpoints: Sequence[Endpoint], service: ServicePort, node_name: str
+    endpoints: Sequence[Endpoint], service: ServicePort, node_name: str, node_zone: str = ""
 ) -> EndpointSelection:
     """kube-proxy's CategorizeEndpoints: the endpoints each kind of traffic goes to.
 
-    The serving-terminating fallback applies to cluster and local endpoints separately: a node
-    whose only local endpoints are terminating still sends Local-policy traffic to them while
-    they serve, even when ready endpoints exist elsewhere.
+    Cluster-policy traffic follows topology hints (`topology_mode`) for this node and its zone
+    (`node_zone`, from the node's topology.kubernetes.io/zone label). The serving-terminating
+    fallback applies to cluster and local endpoints separately: a node whose only local
+    endpoints are terminating still sends Local-policy traffic to them while they serve, even
+    when ready endpoints exist elsewhere.
     """
     internal_local = service.internal_traffic_local
     external_local = external_policy_local(service)
     cluster: tuple[Endpoint, ...] = ()
     local: tuple[Endpoint, ...] = ()
     if uses_cluster_endpoints(service):
-        cluster = tuple(e for e in endpoints if e.ready)
+        mode = topology_mode(endpoints, node_name, node_zone)
+        cluster = tuple(
+            e
+            for e in endpoints
+            if e.ready and _available_for_topology(e, mode, node_name, node_zone)
+        )
         if not cluster:
             cluster = tuple(e for e in endpoints if _serving_terminating(e))
     if uses_local_endpoints(service):

@@ -20,9 +20,16 @@ STDOUT_LOCK = threading.RLock()
 
 
 class _LockedPrintLogger(structlog.PrintLogger):
+    def __init__(self, file: TextIO) -> None:
+        super().__init__(file)
+        self._out = file
+
     def msg(self, message: str) -> None:
+        # One write per line: the worker processes share the main process's stdout, and a line
+        # written in two pieces (print's text, then its newline) interleaves with theirs.
         with STDOUT_LOCK:
-            super().msg(message)
+            self._out.write(message + "\n")
+            self._out.flush()
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

@@ -62,6 +62,12 @@ class ServicePort:
     affinity_timeout: int | None = None
     internal_traffic_local: bool = False
     external_traffic_local: bool = False
+    # CIDRs allowed to reach the LoadBalancer IPs (spec.loadBalancerSourceRanges, normalised to
+    # networks, both families as given); empty means anyone.
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    # The node port on which kube-proxy's service health check answers for an
+    # externalTrafficPolicy: Local LoadBalancer (spec.healthCheckNodePort); None otherwise.
+    health_check_node_port: int | None = None
 
     @property
     def has_affinity(self) -> bool:
@@ -79,6 +85,9 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
+    # Topology hints (hints.forZones / hints.forNodes), sorted; empty when the slice gave none.
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -112,6 +121,8 @@ class SliceEndpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +137,21 @@ class EndpointSlice:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What uproxy reads of a Node: its name, topology.kubernetes.io/zone label and eligibility."""
+
+    name: str
+    zone: str = ""
+    # kube-proxy's node eligibility: false once the Node is being deleted or tainted
+    # ToBeDeletedByClusterAutoscaler, so load balancers drain it (/healthz nodeEligible).
+    eligible: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyState:
     """A complete, consistent snapshot of what the proxy should do."""
 
     services: Mapping[ServicePortName, ServicePort] = field(default_factory=dict)
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=dict)
+    # This node's topology.kubernetes.io/zone ("" when unknown), for topology-aware routing.
+    node_zone: str = ""

@@ -182,6 +182,10 @@ class Process:
             self.send_signal(signal.SIGKILL)
             code = self.proc.wait(timeout=10)
         self._reader.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not self._reader.is_alive():
+                with contextlib.suppress(OSError):
+                    pipe.close()
         return code
 
 
@@ -315,3 +319,13 @@ def sweep(all_runs: bool = False) -> None:
     _OWNER.delete_owned()
     if all_runs:
         _OWNER.sweep_stale()
+
+
+def cli_cleanup(ns: Namespace) -> None:
+    """`uproxy cleanup` in `ns`, after killing any uproxy a failed test left running there (the
+    instance lock would rightly refuse the cleanup beside a live one)."""
+    for process in ns.processes:
+        if process.proc.poll() is None and "uproxy" in process.argv and "run" in process.argv:
+            process.stop(signal.SIGKILL)
+    done = ns.run(sys.executable, "-m", "uproxy", "cleanup", "--log-format", "json", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

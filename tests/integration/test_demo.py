@@ -119,3 +119,31 @@ def test_interrupted_demo_leaves_nothing_behind(
     assert namespaces_of(demo.pid) == [], demo.tail()
     assert demo_processes() <= before, demo.tail()
     assert root_uproxy_rules() == []
+
+
+def test_keep_running_hints_work_as_typed() -> None:
+    """Every command the demo suggests works when pasted into a shell that has no venv on PATH,
+    with the demo started as the README starts it (the venv's `uproxy` script)."""
+    uproxy = Path(sys.executable).with_name("uproxy")
+    demo = Process([str(uproxy), "demo", "--keep-running"])
+    try:
+        demo.wait_line(r"^running until Ctrl-C", timeout=60)
+        demo.wait_line(r"^  ip netns exec \S+ .*status$", timeout=10)
+        hints = [line.strip() for line in demo.lines if line.startswith("  ip netns exec ")]
+        assert len(hints) == 4, demo.tail()
+        bare = {
+            **os.environ,
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        }
+        bare.pop("VIRTUAL_ENV", None)
+        for hint in hints:
+            done = subprocess.run(
+                ["bash", "-c", hint], capture_output=True, text=True, env=bare, timeout=30
+            )
+            assert done.returncode == 0 and done.stdout.strip(), (hint, done.stderr)
+        assert done.stdout.startswith("SERVICE PORT"), done.stdout  # the last: uproxy status
+        os.kill(demo.pid, signal.SIGINT)
+        assert demo.proc.wait(timeout=60) == 0, demo.tail()
+    finally:
+        demo.stop(signal.SIGKILL, timeout=5)
+    assert namespaces_of(demo.pid) == [], demo.tail()

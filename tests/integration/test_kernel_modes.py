@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import require_tools
-from tests.integration.netns import Namespace, Network, Process
+from tests.integration.netns import Namespace, Network, Process, cli_cleanup
 
 pytestmark = pytest.mark.root
 
@@ -47,8 +47,18 @@ BACKEND_IPS = ["10.20.1.2", "10.20.2.2", "10.20.3.2"]
 NAMES = {ip: f"be{n}" for n, ip in enumerate(BACKEND_IPS, start=1)}
 
 BACKEND = r"""
-import http.server, sys
+import http.server, socketserver, sys
 name = sys.argv[1]
+class Server(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+    # socketserver's backlog of 5 drops the SYNs of a burst of clients (a second's retransmit
+    # each, which a dial timeout takes for a dead endpoint); real backends listen with more.
+    request_queue_size = 128
+    def server_bind(self):
+        # HTTPServer's own asks DNS for the host's name (socket.getfqdn), which in a namespace
+        # with no resolver waits out a timeout: 6 s per backend.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     def do_GET(self):
@@ -59,8 +69,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-http.server.ThreadingHTTPServer.allow_reuse_address = True
-server = http.server.ThreadingHTTPServer((sys.argv[2], 8080), Handler)
+server = Server((sys.argv[2], 8080), Handler)
 print("serving", flush=True)
 server.serve_forever()
 """
@@ -300,11 +309,6 @@ def kernel_rules(ns: Namespace, mode: str, backend: str) -> list[str]:
     raise AssertionError(f"no rule reader for mode {mode}")
 
 
-def cli_cleanup(ns: Namespace) -> None:
-    done = ns.run(sys.executable, "-m", "uproxy", "cleanup", "--log-format", "json", check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 def require_backend(backend: str) -> None:
     require_tools(f"iptables-{backend}-save", f"iptables-{backend}-restore", f"iptables-{backend}")
     if backend == "legacy":
@@ -479,6 +483,8 @@ def test_a_udp_client_that_keeps_sending_follows_an_endpoint_change_at_once(
     mark = len(uproxy.events)
     write_manifests(config, manifests(dns_endpoints=BACKEND_IPS[1:2]))
     wait_for_change(uproxy, mark)
+    # The flush runs off the sync, right after it: its end is the moment the flow moves.
+    uproxy.wait_event("conntrack_flush_done", after=mark, timeout=15, family="ipv4")
     # be1 still answers: only deleting the flow's conntrack entry moves it to be2.
     assert dig(topology.client, DNS_VIP, source_port=40053) == "10.0.0.2"
     assert uproxy.stop(signal.SIGTERM) == 0

@@ -137,6 +137,52 @@ def test_api_outage_keeps_serving_and_catches_up(
         assert proc.stop() == 0
 
 
+def write_manifests(path: Path, *objects: dict[str, Any]) -> None:
+    """Replace `path` atomically, as an editor or a ConfigMap update would."""
+    staged = path.with_suffix(".staged")
+    staged.write_text(yaml.safe_dump_all(objects))
+    staged.replace(path)
+
+
+def test_each_source_owns_its_objects_and_the_api_wins_a_conflict(
+    tmp_path: Path, api: ThreadedKubeApi, kubeconfig: Path
+) -> None:
+    manifest = tmp_path / "services.yaml"
+    file_web = make_service("web")
+    file_other = make_service("other", cluster_ip="10.96.0.40")
+    with (
+        be.tcp_backend(be.named_http("from-api")) as from_api,
+        be.tcp_backend(be.named_http("from-file")) as from_file,
+    ):
+        file_slice = backend_slice("web-file", "web", from_file.port)
+        other_slice = backend_slice("other-file", "other", from_file.port)
+        write_manifests(manifest, file_web, file_slice, file_other, other_slice)
+        api.apply(make_service("web"))
+        api.apply(backend_slice("web-1", "web", from_api.port))
+        args = loopback_run_args(manifest, "--kubeconfig", str(kubeconfig))
+        with UproxyProcess(args) as proc:
+            port = proc.port_of(WEB)
+            conflict = proc.wait_event("source_conflict", object="default/web")
+            assert conflict["sources"] == ["kubernetes", "manifests"]
+            assert conflict["winner"] == "kubernetes"
+            assert {http_get(port) for _ in range(4)} == {"from-api"}
+
+            # The file drops its default/web: the API's stays, untouched.
+            write_manifests(manifest, file_other, other_slice)
+            proc.wait_event("manifests_loaded", services=1)
+            assert {http_get(port) for _ in range(4)} == {"from-api"}
+            write_manifests(manifest, file_web, file_slice, file_other, other_slice)
+            eventually(lambda: proc.count("source_conflict") == 2, "the conflict, reported again")
+            assert {http_get(port) for _ in range(4)} == {"from-api"}
+
+            # The API deletes its default/web: the file's copy takes over, with its slices.
+            api.delete("Service", "default", "web")
+            eventually(lambda: http_get(port) == "from-file", "the file's default/web")
+            assert {http_get(port) for _ in range(4)} == {"from-file"}
+            assert proc.count("listener_stopped", service=WEB) == 0
+            assert proc.stop() == 0
+
+
 def test_5000_services_time_to_first_full_sync(
     api: ThreadedKubeApi, uproxy: Callable[[], UproxyProcess]
 ) -> None:

@@ -32,11 +32,13 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import require_tools
-from tests.integration.netns import Namespace, Network, Process
+from tests.integration.netns import Namespace, Network, Process, cli_cleanup
 
 pytestmark = pytest.mark.root
 
 BACKENDS = ["legacy", "nft"]
+# The portal layer also runs on legacy's text path: what it falls back to without python-iptables.
+FLAVOURS = ["legacy", "legacy-text", "nft"]
 CLIENT_IP, NODE_IP = "10.10.0.2", "10.10.0.1"
 WEB_VIP, DNS_VIP, STICKY_VIP = "10.96.0.10", "10.96.0.53", "10.96.0.20"
 REMOTE_EIP = "203.0.113.7"  # an externalIP routed to the node but not on it
@@ -101,7 +103,7 @@ def driver_main(argv: Sequence[str] | None = None) -> None:
     import uvloop
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True, choices=BACKENDS)
+    parser.add_argument("--backend", required=True, choices=FLAVOURS)
     parser.add_argument("--bind-address", default="0.0.0.0")
     parser.add_argument("--nodeport-addresses", default="")
     parser.add_argument("--resync", type=float, default=30.0)
@@ -194,12 +196,18 @@ async def _drive(args: argparse.Namespace) -> None:
 
     from uproxy.kernel.conntrack import flush_udp_flows
     from uproxy.kernel.detect import open_backend, physdev_supported
+    from uproxy.kernel.legacy_backend import LegacyNetfilter
+    from uproxy.kernel.netfilter import Netfilter
     from uproxy.proxier.netfilter_portals import NetfilterPortals
     from uproxy.proxier.portals import Portal
 
     log = structlog.get_logger("driver")
+    if args.backend == "legacy-text":
+        netfilter: Netfilter = LegacyNetfilter(python_iptables=False)
+    else:
+        netfilter = open_backend(args.backend)
     portals = NetfilterPortals(
-        open_backend(args.backend),
+        netfilter,
         bind_address=args.bind_address,
         nodeport_addresses=[c for c in args.nodeport_addresses.split(",") if c],
         resync_period=args.resync,
@@ -219,11 +227,16 @@ async def _drive(args: argparse.Namespace) -> None:
 
     threading.Thread(target=read_stdin, daemon=True).start()
 
+    # One at a time, and a resync takes the wanted portals when its turn comes: one that read
+    # them before a command changed them would put back what the command just removed.
+    turn = asyncio.Lock()
+
     async def resync() -> None:
         while True:
             await asyncio.sleep(args.resync)
             try:
-                await portals.sync(current)
+                async with turn:
+                    await portals.sync(current)
             except Exception as exc:
                 log.error("driver_resync_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -232,6 +245,7 @@ async def _drive(args: argparse.Namespace) -> None:
     while True:
         command = json.loads(await commands.get())
         op = command["op"]
+        await turn.acquire()
         try:
             if op == "exit":
                 break
@@ -257,6 +271,8 @@ async def _drive(args: argparse.Namespace) -> None:
                 log.info("cleaned")
         except Exception as exc:
             log.error("driver_error", op=op, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            turn.release()
     resyncer.cancel()
 
 
@@ -286,13 +302,17 @@ def build_topology(net: Network, backends: int = 0) -> Topology:
     return Topology(net, client, node, ends)
 
 
-def require_backend(backend: str) -> None:
+def tool_of(flavour: str) -> str:
+    """The iptables tools' backend of a driver flavour."""
+    return "legacy" if flavour.startswith("legacy") else flavour
+
+
+def require_backend(flavour: str) -> None:
+    backend = tool_of(flavour)
     require_tools(f"iptables-{backend}-save", f"iptables-{backend}-restore", f"iptables-{backend}")
-    if backend == "legacy":
-        try:
-            import iptc  # noqa: F401
-        except Exception as exc:
-            pytest.skip(f"python-iptables cannot load libiptc: {exc}")
+    if flavour == "legacy":
+        # Not a skip: the text path has its own flavour, and this one must test python-iptables.
+        import iptc  # noqa: F401
 
 
 def iptables_save(ns: Namespace, backend: str) -> str:
@@ -358,6 +378,13 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.fixture(params=FLAVOURS)
+def flavour(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    require_backend(name)
+    return name
+
+
 @pytest.fixture
 def topo(net: Network) -> Topology:
     return build_topology(net)
@@ -366,8 +393,9 @@ def topo(net: Network) -> Topology:
 # -- the portal layer on its own -----------------------------------------------------------
 
 
-def test_every_address_kind_reaches_its_listener_tcp_and_udp(topo: Topology, backend: str) -> None:
-    driver = Driver(topo.node, backend, "--resync", "60")
+def test_every_address_kind_reaches_its_listener_tcp_and_udp(topo: Topology, flavour: str) -> None:
+    backend = tool_of(flavour)
+    driver = Driver(topo.node, flavour, "--resync", "60")
     everything = {"node_port": 30080, "external_ips": [REMOTE_EIP, LOCAL_EIP]}
     driver.sync(web(load_balancer_ips=["10.96.5.5"], **everything), dns(node_port=30053))
     c, n = topo.client, topo.node
@@ -395,8 +423,9 @@ def test_every_address_kind_reaches_its_listener_tcp_and_udp(topo: Topology, bac
         assert legacy_tables.strip() == "", "nft mode must not create legacy tables"
 
 
-def test_specific_bind_address_uses_dnat(topo: Topology, backend: str) -> None:
-    driver = Driver(topo.node, backend, "--bind-address", NODE_IP, "--resync", "60")
+def test_specific_bind_address_uses_dnat(topo: Topology, flavour: str) -> None:
+    backend = tool_of(flavour)
+    driver = Driver(topo.node, flavour, "--bind-address", NODE_IP, "--resync", "60")
     driver.sync(web(node_port=30080), dns())
     assert ask(topo.client, "tcp", WEB_VIP, 80) == f"{WEB} {NODE_IP}"
     assert ask(topo.node, "tcp", WEB_VIP, 80) == f"{WEB} {NODE_IP}"
@@ -406,17 +435,17 @@ def test_specific_bind_address_uses_dnat(topo: Topology, backend: str) -> None:
     assert "DNAT --to-destination 10.10.0.1:" in iptables_save(topo.node, backend)
 
 
-def test_nodeport_addresses_limit_where_nodeports_answer(topo: Topology, backend: str) -> None:
+def test_nodeport_addresses_limit_where_nodeports_answer(topo: Topology, flavour: str) -> None:
     topo.node.add_address("10.30.0.1/24", dev="lo")
-    driver = Driver(topo.node, backend, "--nodeport-addresses", "10.30.0.0/24", "--resync", "60")
+    driver = Driver(topo.node, flavour, "--nodeport-addresses", "10.30.0.0/24", "--resync", "60")
     driver.sync(web(node_port=30080))
     topo.client.route("10.30.0.0/24", via=NODE_IP)
     assert ask(topo.client, "tcp", "10.30.0.1", 30080).startswith(WEB)
     assert ask(topo.client, "tcp", NODE_IP, 30080) == "ERR ConnectionRefusedError"
 
 
-def test_proxy_ports_are_not_a_side_door(topo: Topology, backend: str) -> None:
-    driver = Driver(topo.node, backend, "--resync", "60")
+def test_proxy_ports_are_not_a_side_door(topo: Topology, flavour: str) -> None:
+    driver = Driver(topo.node, flavour, "--resync", "60")
     ports = driver.sync(web(), dns())
     assert ask(topo.client, "tcp", NODE_IP, ports[WEB]) == "ERR ConnectionRefusedError"
     assert refused_or_dropped(topo.client, "udp", NODE_IP, ports[DNS]) == "ERR TimeoutError"
@@ -424,9 +453,9 @@ def test_proxy_ports_are_not_a_side_door(topo: Topology, backend: str) -> None:
     assert ask(topo.node, "tcp", "127.0.0.1", ports[WEB]).startswith(WEB)  # node-local: fine
 
 
-def test_resync_of_an_unchanged_kernel_finds_nothing_to_fix(topo: Topology, backend: str) -> None:
+def test_resync_of_an_unchanged_kernel_finds_nothing_to_fix(topo: Topology, flavour: str) -> None:
     """Every rule kind reads back exactly as rendered, so level-triggered syncs never churn."""
-    driver = Driver(topo.node, backend, "--resync", "0.5")
+    driver = Driver(topo.node, flavour, "--resync", "0.5")
     driver.sync(web(node_port=30080, external_ips=[REMOTE_EIP]), dns(node_port=30053))
     mark = len(driver.process.events)
     full = driver.process.wait_event("portals_synced", mode="full", after=mark, timeout=10)
@@ -435,9 +464,10 @@ def test_resync_of_an_unchanged_kernel_finds_nothing_to_fix(topo: Topology, back
 
 
 def test_stale_rules_are_removed_and_hand_deleted_ones_come_back(
-    topo: Topology, backend: str
+    topo: Topology, flavour: str
 ) -> None:
-    driver = Driver(topo.node, backend, "--resync", "1")
+    backend = tool_of(flavour)
+    driver = Driver(topo.node, flavour, "--resync", "1")
     ports = driver.sync(web(), dns(node_port=30053))
     driver.sync(web())
     saved = iptables_save(topo.node, backend)
@@ -465,13 +495,14 @@ def test_stale_rules_are_removed_and_hand_deleted_ones_come_back(
     assert rule in iptables_save(topo.node, backend)
 
 
-def test_restart_after_sigkill_reconciles_leftovers(topo: Topology, backend: str) -> None:
-    first = Driver(topo.node, backend, "--resync", "60")
+def test_restart_after_sigkill_reconciles_leftovers(topo: Topology, flavour: str) -> None:
+    backend = tool_of(flavour)
+    first = Driver(topo.node, flavour, "--resync", "60")
     old = first.sync(web(), dns())
     first.process.stop(signal.SIGKILL)
     assert f"--to-ports {old[WEB]}" in iptables_save(topo.node, backend)  # left behind
 
-    second = Driver(topo.node, backend, "--resync", "60")
+    second = Driver(topo.node, flavour, "--resync", "60")
     second.flush_at_start()
     new = second.sync(web(), dns())
     saved = iptables_save(topo.node, backend)
@@ -481,10 +512,10 @@ def test_restart_after_sigkill_reconciles_leftovers(topo: Topology, backend: str
     assert ask(topo.client, "udp", DNS_VIP, 53) == DNS
 
 
-def test_udp_flows_are_not_pinned_to_dead_ports(topo: Topology, backend: str) -> None:
+def test_udp_flows_are_not_pinned_to_dead_ports(topo: Topology, flavour: str) -> None:
     """A client that keeps one source port keeps its conntrack entry: uproxy must delete it
     when the portal appears and when it moves to another proxy port."""
-    driver = Driver(topo.node, backend, "--resync", "60")
+    driver = Driver(topo.node, flavour, "--resync", "60")
     driver.sync(web())  # nat table in use, so conntrack tracks the first datagram
     assert refused_or_dropped(topo.client, "udp", DNS_VIP, 53, sport=40555) == "ERR TimeoutError"
     driver.sync(web(), dns())
@@ -495,9 +526,9 @@ def test_udp_flows_are_not_pinned_to_dead_ports(topo: Topology, backend: str) ->
     assert ask(topo.client, "udp", DNS_VIP, 53, sport=40555) == DNS
 
 
-def test_cleanup_leaves_the_host_as_it_found_it(topo: Topology, backend: str) -> None:
+def test_cleanup_leaves_the_host_as_it_found_it(topo: Topology, flavour: str) -> None:
     topo.node.run("iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-j", "RETURN")  # foreign
-    driver = Driver(topo.node, backend, "--resync", "60")
+    driver = Driver(topo.node, flavour, "--resync", "60")
     driver.sync(web(node_port=30080, external_ips=[REMOTE_EIP]), dns())
     assert uproxy_lines(topo.node)
     driver.cleanup()
@@ -608,11 +639,6 @@ def proxy_ports(process: Process) -> dict[str, int]:
 def dig(ns: Namespace, server: str = DNS_VIP) -> str:
     out = ns.run("dig", "+short", "+tries=1", "+time=2", f"@{server}", "-p", "53", "a.svc.test")
     return out.stdout.strip() or f"no answer: {out.stderr.strip()}"
-
-
-def cli_cleanup(ns: Namespace) -> None:
-    done = ns.run(sys.executable, "-m", "uproxy", "cleanup", "--log-format", "json", check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture

@@ -131,7 +131,7 @@ def test_server_that_speaks_first_and_closes_loses_nothing(
         proc = start(config, event_loop_name)
         proc_cleanup.append(proc)
         port = proc.port_of("default/greet:p")
-        replies = Counter()
+        replies: Counter[bytes] = Counter()
         for _ in range(300):
             with connect(port) as sock:
                 data = b""

@@ -35,11 +35,21 @@ class Tally:
     def __init__(self) -> None:
         self.ok = 0
         self.bad: list[str] = []
+        # Backend connections closed before a byte arrived: dial attempts uproxy gave up on
+        # (250 ms) and retried elsewhere, which the backend accepted late on a loaded machine.
+        self.abandoned = 0
 
 
 async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tally: Tally) -> None:
     try:
-        mode, size = HEADER.unpack(await reader.readexactly(HEADER.size))
+        try:
+            first = await reader.readexactly(HEADER.size)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            tally.abandoned += 1
+            return
+        mode, size = HEADER.unpack(first)
         if mode == CLIENT_FIRST:
             body = await reader.read()  # until the client's EOF
             if len(body) != size:
@@ -131,7 +141,8 @@ async def soak(config: Path, event_loop_name: str) -> None:
         print(
             f"\nsoak[{event_loop_name}]: {CONNECTIONS} connections in {elapsed:.1f}s "
             f"({CONNECTIONS / elapsed:.0f}/s); client ok {client_tally.ok}, backend ok "
-            f"{server_tally.ok}; fds {baseline} -> {after}"
+            f"{server_tally.ok} (+{server_tally.abandoned} abandoned dials); "
+            f"fds {baseline} -> {after}"
         )
         assert alive, "\n".join(proc.lines[-30:])
         assert client_tally.bad == [] and server_tally.bad == []

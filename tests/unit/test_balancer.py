@@ -87,11 +87,12 @@ def test_unchanged_update_keeps_cursor_and_affinity() -> None:
     assert lb.affinity_entries == 2
 
 
-def test_reset_affinity_moves_to_next_endpoint() -> None:
+def test_a_retry_leaves_its_affinity_for_an_untried_endpoint() -> None:
     lb = LoadBalancer(clock=FakeClock())
     lb.update(endpoints(2), 100)
     first = lb.pick("c1")
-    second = lb.pick("c1", reset_affinity=True)
+    assert first is not None
+    second = lb.pick("c1", tried=[first])
     assert second != first
     assert lb.pick("c1") == second
 
@@ -106,3 +107,101 @@ def test_affinity_change_clears_entries() -> None:
 
 def test_no_endpoints_picks_none() -> None:
     assert LoadBalancer().pick("c1") is None
+
+
+# --- retries that learn: never the same endpoint twice, passive ejection ---------------------
+
+
+@given(n=st.integers(min_value=2, max_value=8), data=st.data())
+def test_retries_never_repeat_an_endpoint_while_an_untried_one_exists(
+    n: int, data: st.DataObject
+) -> None:
+    eps = endpoints(n)
+    lb = LoadBalancer()
+    lb.update(eps, data.draw(st.one_of(st.none(), st.just(100))))
+    for _ in range(data.draw(st.integers(min_value=0, max_value=10))):
+        lb.pick("c0")  # move the shared round-robin position anywhere
+    tried: list[Endpoint] = []
+    for _ in range(n):
+        endpoint = lb.pick("c1", tried=tried)
+        assert endpoint is not None and endpoint not in tried
+        tried.append(endpoint)
+    assert set(tried) == set(eps)
+    assert lb.pick("c1", tried=tried) in eps  # all tried: go round again
+
+
+def fail(lb: LoadBalancer, endpoint: Endpoint, times: int) -> list[bool]:
+    return [lb.dial_failed(endpoint) for _ in range(times)]
+
+
+def test_three_failures_in_a_row_eject_for_a_doubling_while_then_probation() -> None:
+    clock = FakeClock()
+    lb = LoadBalancer(clock=clock)
+    eps = endpoints(3)
+    lb.update(eps, None)
+    dead = eps[0]
+    assert fail(lb, dead, 3) == [False, False, True]
+    assert lb.ejected == {dead} and lb.ejections == 1
+    assert dead not in {lb.pick(f"c{i}") for i in range(30)}
+
+    clock.now += 1.0  # the first ejection lasts a second
+    assert lb.ejected == frozenset()
+    assert dead in {lb.pick(f"c{i}") for i in range(3)}
+    # On probation: one more failure ejects it again, for twice as long.
+    assert fail(lb, dead, 1) == [True]
+    clock.now += 1.5
+    assert lb.ejected == {dead}
+    clock.now += 0.5
+    assert lb.ejected == frozenset()
+
+    # A success clears the record: three failures are needed again, and the base period.
+    lb.dial_succeeded(dead)
+    assert fail(lb, dead, 3) == [False, False, True]
+    clock.now += 1.0
+    assert lb.ejected == frozenset()
+
+
+def test_ejection_is_capped_at_thirty_seconds() -> None:
+    clock = FakeClock()
+    lb = LoadBalancer(clock=clock)
+    eps = endpoints(2)
+    lb.update(eps, None)
+    fail(lb, eps[0], 3)
+    periods = []
+    for _ in range(8):
+        start = clock.now
+        while lb.ejected:
+            clock.now += 0.5
+        periods.append(clock.now - start)
+        assert fail(lb, eps[0], 1) == [True]
+    assert periods[:6] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert periods[6:] == [30.0, 30.0]
+
+
+def test_the_last_endpoint_standing_is_never_ejected() -> None:
+    lb = LoadBalancer(clock=FakeClock())
+    eps = endpoints(2)
+    lb.update(eps, None)
+    assert fail(lb, eps[0], 3)[-1] is True
+    assert not any(fail(lb, eps[1], 10))
+    assert lb.ejected == {eps[0]}
+    only = LoadBalancer(clock=FakeClock())
+    only.update(eps[:1], None)
+    assert not any(fail(only, eps[0], 10))
+    assert only.pick("c1") == eps[0]
+
+
+def test_affinity_to_an_ejected_endpoint_moves_and_a_removed_endpoint_forgets_its_record() -> None:
+    clock = FakeClock()
+    lb = LoadBalancer(clock=clock)
+    eps = endpoints(3)
+    lb.update(eps, 100)
+    sticky = lb.pick("c1")
+    assert sticky is not None
+    fail(lb, sticky, 3)
+    moved = lb.pick("c1")
+    assert moved != sticky
+    lb.update([e for e in eps if e != sticky], 100)
+    assert lb.ejected == frozenset()
+    lb.update(eps, 100)
+    assert fail(lb, sticky, 2) == [False, False]  # a fresh record

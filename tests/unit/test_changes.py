@@ -1,9 +1,13 @@
 from __future__ import annotations
 
-from uproxy.changes import ChangeTracker
+import pytest
+import structlog
+
+from uproxy.changes import ChangeTracker, SourceHandler
 from uproxy.model import (
     AddressType,
     EndpointSlice,
+    NodeInfo,
     ObjectKey,
     Protocol,
     ServicePort,
@@ -196,3 +200,152 @@ def test_snapshots_are_not_changed_by_later_updates() -> None:
     t.service_updated(WEB, web_ports(81))
     t.snapshot()
     assert before.state.services[HTTP].port == 80
+
+
+def zoned_tracker(node_zone: str | None = None) -> ChangeTracker:
+    t = ChangeTracker(["files"], on_change=Counter(), node_name="node-a", node_zone=node_zone)
+    t.source_synced("files")
+    t.service_updated(WEB, web_ports())
+    t.snapshot()
+    return t
+
+
+def test_this_nodes_zone_reaches_the_state_and_resyncs_every_port() -> None:
+    t = zoned_tracker()
+    t.node_updated(NodeInfo("node-b", "zone-x"))  # another node: not ours
+    assert not t.pending
+    t.node_updated(NodeInfo("node-a", "zone-a"))
+    assert t.pending
+    snap = t.snapshot()
+    assert snap.state.node_zone == "zone-a"
+    assert snap.changed_ports == {HTTP}
+    t.node_updated(NodeInfo("node-a", "zone-a"))
+    assert not t.pending
+    t.node_deleted("node-a")
+    assert t.snapshot().state.node_zone == ""
+
+
+def test_a_zone_given_by_flag_is_not_overridden_by_the_node() -> None:
+    t = zoned_tracker(node_zone="zone-flag")
+    t.node_updated(NodeInfo("node-a", "zone-a"))
+    assert not t.pending
+    assert t.snapshot().state.node_zone == "zone-flag"
+
+
+def test_the_local_copy_of_a_duplicate_endpoint_wins() -> None:
+    t = zoned_tracker()
+    remote = web_slice("web-1", "10.0.0.1")
+    local = EndpointSlice(
+        key=ObjectKey("default", "web-2"),
+        service=WEB,
+        address_type=AddressType.IPV4,
+        ports=(SlicePort("http", 8080, Protocol.TCP),),
+        endpoints=(SliceEndpoint(("10.0.0.1",), ready=False, node_name="node-a"),),
+    )
+    t.slice_updated(remote)
+    t.slice_updated(local)
+    (endpoint,) = t.snapshot().state.endpoints[HTTP]
+    assert endpoint.node_name == "node-a"
+
+
+def test_this_nodes_eligibility_is_kept_without_a_resync() -> None:
+    t = zoned_tracker()
+    t.node_updated(NodeInfo("node-a", "", eligible=False))
+    assert t.node_eligible is False
+    assert not t.pending  # nothing for the proxier to do
+    t.node_deleted("node-a")
+    assert t.node_eligible is True
+
+
+def two_sources() -> tuple[ChangeTracker, SourceHandler, SourceHandler]:
+    t = ChangeTracker(["kubernetes", "manifests"], on_change=Counter())
+    api, files = t.handler("kubernetes"), t.handler("manifests")
+    api.source_synced("kubernetes")
+    files.source_synced("manifests")
+    return t, api, files
+
+
+def test_a_source_deleting_its_object_leaves_the_other_sources_copy() -> None:
+    t, api, files = two_sources()
+    api.service_updated(WEB, web_ports(80))
+    api.slice_updated(web_slice("web-a", "10.1.0.1"))
+    files.service_updated(WEB, web_ports(81))
+    files.slice_updated(web_slice("web-a", "10.2.0.1"))
+    snap = t.snapshot()
+    assert snap.state.services[HTTP].port == 80  # the API wins
+    assert [e.ip for e in snap.state.endpoints[HTTP]] == ["10.1.0.1"]
+    files.service_deleted(WEB)
+    files.slice_deleted(ObjectKey("default", "web-a"))
+    assert not t.pending  # the winner's copies never changed
+    snap = t.snapshot()
+    assert snap.state.services[HTTP].port == 80
+    assert [e.ip for e in snap.state.endpoints[HTTP]] == ["10.1.0.1"]
+
+
+def test_deleting_the_winners_copy_falls_back_to_the_other() -> None:
+    t, api, files = two_sources()
+    files.service_updated(WEB, web_ports(81))
+    files.slice_updated(web_slice("web-a", "10.2.0.1"))
+    api.service_updated(WEB, web_ports(80))
+    api.slice_updated(web_slice("web-a", "10.1.0.1"))
+    assert t.snapshot().state.services[HTTP].port == 80
+    api.service_deleted(WEB)
+    api.slice_deleted(ObjectKey("default", "web-a"))
+    snap = t.snapshot()
+    assert snap.changed == {WEB}
+    assert snap.state.services[HTTP].port == 81
+    assert [e.ip for e in snap.state.endpoints[HTTP]] == ["10.2.0.1"]
+    files.service_deleted(WEB)
+    assert HTTP not in t.snapshot().state.services
+
+
+def test_objects_of_different_names_from_two_sources_both_count() -> None:
+    t, api, files = two_sources()
+    api.service_updated(WEB, web_ports())
+    files.service_updated(API, api_ports())
+    files.service_deleted(WEB)  # never the file's: the API's stays
+    assert t.snapshot().state.services.keys() == {HTTP, API_HTTP}
+
+
+def test_a_conflict_is_reported_once_naming_both_sources() -> None:
+    t, api, files = two_sources()
+    with structlog.testing.capture_logs() as logs:
+        files.service_updated(WEB, web_ports(81))
+        api.service_updated(WEB, web_ports(80))
+        api.service_updated(WEB, web_ports(82))
+        files.service_updated(WEB, web_ports(83))
+    conflicts = [e for e in logs if e["event"] == "source_conflict"]
+    assert conflicts == [
+        {
+            "event": "source_conflict",
+            "log_level": "warning",
+            "kind": "Service",
+            "object": "default/web",
+            "sources": ["kubernetes", "manifests"],
+            "winner": "kubernetes",
+            "hint": "the first source wins; deleting its copy falls back to the other's",
+        }
+    ]
+    assert t.snapshot().state.services[HTTP].port == 82
+
+
+def test_a_tracker_of_several_sources_names_the_source_of_every_update() -> None:
+    t, _, _ = two_sources()
+    with pytest.raises(ValueError, match="handler"):
+        t.service_updated(WEB, web_ports())
+    with pytest.raises(ValueError, match="unknown source"):
+        t.handler("elsewhere")
+
+
+def test_a_service_uses_only_the_slices_of_the_source_it_came_from() -> None:
+    t, api, files = two_sources()
+    files.service_updated(WEB, web_ports())
+    files.slice_updated(web_slice("web-file", "10.2.0.1"))
+    assert [e.ip for e in t.snapshot().state.endpoints[HTTP]] == ["10.2.0.1"]
+    api.service_updated(WEB, web_ports())  # the same spec: only the owner changes
+    api.slice_updated(web_slice("web-api", "10.1.0.1"))
+    snap = t.snapshot()
+    assert snap.changed_ports == {HTTP}
+    assert [e.ip for e in snap.state.endpoints[HTTP]] == ["10.1.0.1"]
+    api.service_deleted(WEB)
+    assert [e.ip for e in t.snapshot().state.endpoints[HTTP]] == ["10.2.0.1"]

@@ -41,12 +41,18 @@ def endpoint_slice(
     }
 
 
+def table_and_errors(paths: list[Path]) -> tuple[str, list[str]]:
+    result = check_paths(paths)
+    assert result.table is not None
+    return result.table, result.errors
+
+
 def rows(table: str) -> list[list[str]]:
     return [line.split() for line in table.splitlines()]
 
 
 def test_bundled_examples() -> None:
-    table, errors = check_paths([EXAMPLES])
+    table, errors = table_and_errors([EXAMPLES])
     assert errors == []
     assert table.splitlines() == [
         "SERVICE PORT      PROTOCOL  PORT  CLUSTER-IPS  EXTERNAL  NODEPORT  AFFINITY       "
@@ -66,7 +72,7 @@ def test_columns_are_aligned(tmp_path: Path) -> None:
         service("a-rather-long-service-name", [{"port": 1}], clusterIP="10.0.0.1"),
         service("b", [{"port": 65535, "protocol": "UDP"}], clusterIP="10.0.0.2"),
     )
-    table, _ = check_paths([tmp_path])
+    table, _ = table_and_errors([tmp_path])
     lines = table.splitlines()
     starts = [0]
     for header in HEADERS[1:]:
@@ -88,7 +94,7 @@ def test_addresses_node_port_and_affinity(tmp_path: Path) -> None:
     )
     svc["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
     write_docs(tmp_path / "front.yaml", svc)
-    table, errors = check_paths([tmp_path])
+    table, errors = table_and_errors([tmp_path])
     assert errors == []
     assert rows(table)[1] == [
         "shop/front:http",
@@ -117,7 +123,7 @@ def test_not_ready_endpoints_are_counted(tmp_path: Path) -> None:
             ],
         ),
     )
-    table, errors = check_paths([tmp_path])
+    table, errors = table_and_errors([tmp_path])
     assert errors == []
     assert table.splitlines()[1].endswith("10.1.0.1:8080,10.1.0.2:8080 (+1 not ready)")
 
@@ -137,7 +143,7 @@ def test_terminating_fallback_is_shown(tmp_path: Path) -> None:
             ],
         ),
     )
-    table, errors = check_paths([tmp_path])
+    table, errors = table_and_errors([tmp_path])
     assert errors == []
     assert table.splitlines()[1].endswith("10.1.0.1:8080 (+1 not ready)")
 
@@ -154,7 +160,7 @@ def test_fqdn_endpoints_shown_unresolved(tmp_path: Path) -> None:
             address_type="FQDN",
         ),
     )
-    table, errors = check_paths([tmp_path])
+    table, errors = table_and_errors([tmp_path])
     assert errors == []
     assert table.splitlines()[1].endswith("web-1:8080,web-2.example.com:8080")
 
@@ -166,7 +172,7 @@ def test_errors_are_all_listed_and_good_files_still_shown(tmp_path: Path) -> Non
         service("sctp", [{"port": 80, "protocol": "SCTP"}]),
         service("noport", [{"port": "abc"}]),
     )
-    table, errors = check_paths([tmp_path, tmp_path / "absent.yaml"])
+    table, errors = table_and_errors([tmp_path, tmp_path / "absent.yaml"])
     assert len(errors) == 3
     assert any("absent.yaml: no such file or directory" in e for e in errors)
     errors = [e for e in errors if "absent.yaml" not in e]
@@ -178,10 +184,33 @@ def test_errors_are_all_listed_and_good_files_still_shown(tmp_path: Path) -> Non
     assert [r[0] for r in rows(table)[1:]] == ["shop/ok"]
 
 
-def test_empty_directory(tmp_path: Path) -> None:
-    table, errors = check_paths([tmp_path])
-    assert errors == []
-    assert table.split() == [word for header in HEADERS for word in header.split()]
+def test_empty_directory_is_an_error_without_a_table(tmp_path: Path) -> None:
+    result = check_paths([tmp_path])
+    assert result.table is None
+    assert result.errors == [
+        f"{tmp_path}: no manifest files (*.yaml, *.yml, *.json) in this directory"
+    ]
+
+
+def test_other_kinds_are_errors_unless_allowed(tmp_path: Path) -> None:
+    write_docs(
+        tmp_path / "mixed.yaml",
+        service("ok", [{"port": 80}], clusterIP="10.96.0.1"),
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": dict(name="d", namespace="x")},
+        {"apiVersion": "v1", "kind": "Services", "metadata": {"name": "typo"}},
+    )
+    other = f"{tmp_path / 'mixed.yaml'} (document 2): Deployment x/d: not a kind uproxy reads"
+    typo = (
+        f"{tmp_path / 'mixed.yaml'} (document 3): Services typo: unknown kind 'Services' "
+        "(did you mean Service?)"
+    )
+    strict = check_paths([tmp_path])
+    assert [e.split(" (v1 Service")[0] for e in strict.errors] == [other, typo]
+    assert strict.other_kinds_refused
+    relaxed = check_paths([tmp_path], allow_other_kinds=True)
+    assert relaxed.errors == [typo]
+    assert [w.split(" (v1 Service")[0] for w in relaxed.warnings] == [other]
+    assert relaxed.table is not None and "shop/ok" in relaxed.table
 
 
 def test_format_table() -> None:

@@ -14,6 +14,7 @@ from uproxy.convert import (
     SkippedObject,
     SliceResult,
     convert_endpoint_slice,
+    convert_node,
     convert_object,
     convert_service,
     service_skip_reason,
@@ -24,6 +25,7 @@ from uproxy.model import (
     AddressType,
     Endpoint,
     EndpointSlice,
+    NodeInfo,
     ObjectKey,
     Protocol,
     ServicePort,
@@ -725,3 +727,102 @@ def test_addresses_of_another_family_than_the_cluster_ips_are_not_taken() -> Non
     converted = convert_service(dual)
     assert converted is not None
     assert converted[0].external_ips == ("192.0.2.7", "2001:db8::7")
+
+
+# --- issue 14: ipMode, source ranges, health check node port, hints, Nodes ---------------------
+
+
+def test_load_balancer_ip_with_ip_mode_proxy_is_not_taken() -> None:
+    obj = service(type="LoadBalancer")
+    obj["status"] = {
+        "loadBalancer": {
+            "ingress": [
+                {"ip": "198.51.100.7", "ipMode": "Proxy"},
+                {"ip": "198.51.100.8", "ipMode": "VIP"},
+                {"ip": "198.51.100.9"},
+            ]
+        }
+    }
+    assert one_port(obj).load_balancer_ips == ("198.51.100.8", "198.51.100.9")
+
+
+def test_unknown_ip_mode_is_an_error_naming_the_field() -> None:
+    obj = service(type="LoadBalancer")
+    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.7", "ipMode": "proxy"}]}}
+    assert conversion_error(obj).field == "status.loadBalancer.ingress[0].ipMode"
+
+
+def test_load_balancer_source_ranges_are_normalised_networks() -> None:
+    obj = service(
+        type="LoadBalancer",
+        loadBalancerSourceRanges=[" 203.0.113.7/24", "198.51.100.0/25", "2001:db8::1/64"],
+    )
+    assert one_port(obj).load_balancer_source_ranges == (
+        "203.0.113.0/24",
+        "198.51.100.0/25",
+        "2001:db8::/64",
+    )
+
+
+def test_a_source_range_that_is_not_a_cidr_names_its_field() -> None:
+    error = conversion_error(service(type="LoadBalancer", loadBalancerSourceRanges=["10.0.0.0/33"]))
+    assert error.field == "spec.loadBalancerSourceRanges[0]"
+
+
+def test_health_check_node_port_only_for_local_load_balancers() -> None:
+    local_lb = service(
+        type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000
+    )
+    assert one_port(local_lb).health_check_node_port == 32000
+    cluster_lb = service(type="LoadBalancer", healthCheckNodePort=32000)
+    assert one_port(cluster_lb).health_check_node_port is None
+    node_port = service(type="NodePort", externalTrafficPolicy="Local", healthCheckNodePort=32000)
+    assert one_port(node_port).health_check_node_port is None
+    bad = service(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=70000)
+    assert conversion_error(bad).field == "spec.healthCheckNodePort"
+
+
+def test_topology_hints_reach_the_endpoints() -> None:
+    obj = endpoint_slice(
+        endpoints=[
+            {
+                "addresses": ["10.0.0.1"],
+                "zone": "zone-a",
+                "hints": {
+                    "forZones": [{"name": "zone-b"}, {"name": "zone-a"}],
+                    "forNodes": [{"name": "node-a"}],
+                },
+            },
+            {"addresses": ["10.0.0.2"]},
+        ]
+    )
+    converted = convert_endpoint_slice(obj)
+    assert converted is not None
+    first, second = endpoints_for_port([converted], WEB_HTTP, Protocol.TCP)
+    assert first.zone_hints == ("zone-a", "zone-b")
+    assert first.node_hints == ("node-a",)
+    assert (second.zone_hints, second.node_hints) == ((), ())
+    bad = endpoint_slice(endpoints=[{"addresses": ["10.0.0.1"], "hints": {"forZones": ["a"]}}])
+    assert conversion_error(bad, convert_endpoint_slice).field == "endpoints[0].hints.forZones[0]"
+
+
+def test_node_zone_from_its_label() -> None:
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+    }
+    assert convert_node(node) == NodeInfo("node-a", "zone-a")
+    assert convert_node({"metadata": {"name": "node-b"}}) == NodeInfo("node-b", "")
+
+
+def test_a_node_being_deleted_or_drained_is_not_eligible() -> None:
+    deleting = {"metadata": {"name": "n", "deletionTimestamp": "2026-12-01T00:00:00Z"}}
+    assert convert_node(deleting).eligible is False
+    drained = {
+        "metadata": {"name": "n"},
+        "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]},
+    }
+    assert convert_node(drained).eligible is False
+    other_taint = {"metadata": {"name": "n"}, "spec": {"taints": [{"key": "x"}]}}
+    assert convert_node(other_taint).eligible is True

@@ -117,3 +117,18 @@ def test_container_args_are_uproxy_flags(objects: dict[str, Any]) -> None:
         assert context.params["hostname_override"] == "$(NODE_NAME)"
         healthz = context.params["healthz_bind_address"]
     assert healthz.endswith(":10256")
+
+
+def test_the_image_is_a_kustomize_parameter_and_the_lock_is_the_hosts() -> None:
+    kustomization = yaml.safe_load((MANIFEST.parent / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["uproxy.yaml"]
+    (daemonset,) = [
+        d for d in yaml.safe_load_all(MANIFEST.read_text()) if d and d["kind"] == "DaemonSet"
+    ]
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # kustomize's images transformer matches on the name before the tag.
+    assert [i["name"] for i in kustomization["images"]] == [container["image"].split(":")[0]]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
+    assert mounts["run-uproxy"] == volumes["run-uproxy"] == "/run/uproxy"

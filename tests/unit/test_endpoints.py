@@ -293,3 +293,195 @@ def test_external_local_with_only_terminating_local_endpoints() -> None:
 def test_policy_flags_without_external_addresses() -> None:
     service = replace(svc(etp_local=True), node_port=None, external_ips=("192.0.2.1",))
     assert set(categorize_endpoints([L1, R3], service, NODE).external) == {L1}
+
+
+# --- duplicates across slices: this node's copy wins (kube-proxy's EndpointSliceCache) --------
+
+
+def test_local_copy_of_a_duplicate_endpoint_wins_over_a_healthier_remote_copy() -> None:
+    remote = make_slice(
+        "web-a", [("http", 8080, Protocol.TCP)], [SliceEndpoint(("10.0.0.1",), node_name="node-b")]
+    )
+    local = make_slice(
+        "web-b",
+        [("http", 8080, Protocol.TCP)],
+        [
+            SliceEndpoint(
+                ("10.0.0.1",), ready=False, serving=True, terminating=True, node_name="node-a"
+            )
+        ],
+    )
+    for order in ([remote, local], [local, remote]):
+        (chosen,) = endpoints_for_port(order, WEB_HTTP, Protocol.TCP, node_name="node-a")
+        assert chosen.node_name == "node-a"
+    # With no node to prefer, the healthier report wins, whatever the slice order.
+    (healthier,) = endpoints_for_port([local, remote], WEB_HTTP, Protocol.TCP)
+    assert healthier.node_name == "node-b"
+
+
+# --- topology hints: kube-proxy's topology_test.go cases (PreferSameZone / PreferSameNode) -----
+
+
+def hinted(
+    last_octet: int,
+    zones: tuple[str, ...] = (),
+    *,
+    nodes: tuple[str, ...] = (),
+    ready: bool = True,
+    local: bool = False,
+) -> Endpoint:
+    return Endpoint(
+        f"10.1.2.{last_octet}",
+        80,
+        ready=ready,
+        serving=ready,
+        node_name=NODE if local else "node-b",
+        zone_hints=tuple(sorted(zones)),
+        node_hints=nodes,
+    )
+
+
+def ips(endpoints: tuple[Endpoint, ...]) -> set[int]:
+    return {int(e.ip.rsplit(".", 1)[1]) for e in endpoints}
+
+
+ZONED = [
+    hinted(3, ("zone-a",)),
+    hinted(4, ("zone-b",)),
+    hinted(5, ("zone-c",)),
+    hinted(6, ("zone-a",)),
+]
+
+# (name, node zone, service, endpoints, cluster, local or None, reachable)
+HINT_CASES: list[tuple[str, str, ServicePort, list[Endpoint], set[int], set[int] | None]] = [
+    ("normal zone filtering", "zone-a", svc(external=False), ZONED, {3, 6}, None),
+    ("node without a zone: no filtering", "", svc(external=False), ZONED[:1], {3}, None),
+    ("node in another zone: no filtering", "zone-b", svc(external=False), ZONED[:1], {3}, None),
+    (
+        "unready endpoint left out",
+        "zone-a",
+        svc(external=False),
+        [*ZONED[:3], hinted(6, ("zone-a",), ready=False)],
+        {3},
+        None,
+    ),
+    (
+        "only unready endpoints in this zone: no filtering",
+        "zone-a",
+        svc(external=False),
+        [
+            hinted(3, ("zone-a",), ready=False),
+            hinted(4, ("zone-b",)),
+            hinted(5, ("zone-c",)),
+            hinted(6, ("zone-a",), ready=False),
+        ],
+        {4, 5},
+        None,
+    ),
+    (
+        "an endpoint without hints: no filtering",
+        "zone-a",
+        svc(external=False),
+        [*ZONED[:2], hinted(5), ZONED[3]],
+        {3, 4, 5, 6},
+        None,
+    ),
+    (
+        "several hints per endpoint",
+        "zone-c",
+        svc(external=False),
+        [
+            hinted(3, ("zone-a", "zone-b", "zone-c")),
+            hinted(4, ("zone-b", "zone-c")),
+            hinted(5, ("zone-b", "zone-d")),
+            hinted(6, ("zone-c",)),
+        ],
+        {3, 4, 6},
+        None,
+    ),
+    (
+        "externalTrafficPolicy Local: topology ignored for local endpoints",
+        "zone-a",
+        svc(etp_local=True),
+        [
+            hinted(3, ("zone-a",), local=True),
+            hinted(4, ("zone-b",), local=True),
+            *ZONED[2:],
+        ],
+        {3, 6},
+        {3, 4},
+    ),
+    (
+        "internalTrafficPolicy Local: topology ignored for local endpoints",
+        "zone-a",
+        svc(itp_local=True),
+        [
+            hinted(3, ("zone-a",), local=True),
+            hinted(4, ("zone-b",), local=True),
+            *ZONED[2:],
+        ],
+        {3, 6},
+        {3, 4},
+    ),
+    (
+        "PreferSameNode: every endpoint has node hints, one for this node",
+        "zone-a",
+        svc(external=False),
+        [
+            hinted(3, ("zone-a",), nodes=(NODE,)),
+            hinted(4, ("zone-a",), nodes=("node-b",)),
+            hinted(5, ("zone-b",), nodes=("node-c",)),
+        ],
+        {3},
+        None,
+    ),
+    (
+        "node hints missing on one endpoint: zone hints apply",
+        "zone-a",
+        svc(external=False),
+        [
+            hinted(3, ("zone-a",), nodes=(NODE,)),
+            hinted(4, ("zone-a",)),
+            hinted(5, ("zone-b",), nodes=("node-c",)),
+        ],
+        {3, 4},
+        None,
+    ),
+    (
+        "node hints for other nodes only: zone hints apply",
+        "zone-b",
+        svc(external=False),
+        [
+            hinted(3, ("zone-a",), nodes=("node-x",)),
+            hinted(5, ("zone-b",), nodes=("node-c",)),
+        ],
+        {5},
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("zone", "service", "endpoints", "cluster", "local"),
+    [c[1:] for c in HINT_CASES],
+    ids=[c[0] for c in HINT_CASES],
+)
+def test_topology_hints_like_kube_proxy(
+    zone: str,
+    service: ServicePort,
+    endpoints: list[Endpoint],
+    cluster: set[int],
+    local: set[int] | None,
+) -> None:
+    chosen = categorize_endpoints(endpoints, service, NODE, zone)
+    assert ips(chosen.cluster) == cluster
+    assert ips(chosen.local) == (local or set())
+    assert ips(chosen.reachable) == cluster | (local or set())
+
+
+def test_hints_ignored_without_ready_endpoints_terminating_fallback_everywhere() -> None:
+    terminating = Endpoint(
+        "10.1.2.7", 80, ready=False, serving=True, terminating=True, zone_hints=("zone-b",)
+    )
+    chosen = categorize_endpoints([terminating], svc(external=False), NODE, "zone-a")
+    assert chosen.cluster == (terminating,)

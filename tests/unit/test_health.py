@@ -58,3 +58,23 @@ def test_change_arriving_during_a_sync_keeps_its_age() -> None:
     clock.now += 3
     h.sync_succeeded(still_pending_since=arrived)
     assert not h.report().healthy
+
+
+def test_go_time_string_format() -> None:
+    from uproxy.observe.gotime import go_time
+
+    assert go_time(1_764_612_000.0) == "2025-12-01 18:00:00 +0000 UTC"
+    assert go_time(1_764_612_000.5) == "2025-12-01 18:00:00.5 +0000 UTC"
+    assert go_time(1_764_612_000.123456) == "2025-12-01 18:00:00.123456 +0000 UTC"
+    assert go_time(1_764_612_000.0, 202.63179766) == (
+        "2025-12-01 18:00:00 +0000 UTC m=+202.631797660"
+    )
+
+
+def test_node_eligibility_defaults_to_true_and_leaves_the_proxy_health_alone() -> None:
+    h, _ = health()
+    h.sources_synced()
+    h.sync_succeeded(None)
+    assert h.node_eligible
+    h.set_node_eligible(False)
+    assert not h.node_eligible and h.report().healthy

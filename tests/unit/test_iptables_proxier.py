@@ -14,6 +14,7 @@ from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePor
 from uproxy.observe.metrics import Metrics
 from uproxy.proxier.iptables import IptablesProxier
 from uproxy.proxier.iptables_rules import (
+    FW_PREFIX,
     NODEPORTS_COMMENT,
     SVC_PREFIX,
     RuleContext,
@@ -87,7 +88,7 @@ def same(fake: FakeNetfilter, current: ProxyState) -> bool:
     # Rules in shared chains are a set (plus the NodePort tail, checked separately).
     for tables in (want, have):
         for chains in tables.values():
-            for chain in ("UPROXY-NODEPORTS", "UPROXY-EXTERNAL-SERVICES"):
+            for chain in ("UPROXY-NODEPORTS", "UPROXY-EXTERNAL-SERVICES", "UPROXY-LB-FIREWALL"):
                 if chain in chains:
                     chains[chain] = sorted(chains[chain])
     for tables in (want, have):
@@ -368,9 +369,8 @@ async def test_metrics_expose_rules_written_and_sync_kinds() -> None:
     await proxier.sync(state((web(), THREE)))
     clock.now += 1
     await proxier.sync(state((web(), THREE[:2])))
-    from prometheus_client import generate_latest
-
-    text = generate_latest(Metrics(proxier.view, proxier.sync_counters).registry).decode()
+    metrics = Metrics(proxier.view, proxier.sync_counters)
+    text = metrics.render(metrics.snapshot()).decode()
     assert 'uproxy_rule_syncs_total{kind="full"} 1.0' in text
     assert 'uproxy_rule_syncs_total{kind="partial"} 1.0' in text
     written = proxier.sync_counters().rules_written
@@ -389,3 +389,21 @@ def test_fake_refuses_inconsistent_restores() -> None:
     with pytest.raises(KernelError, match="longer than 28"):
         fake.apply({"nat": TableUpdate(replace={"UPROXY-" + "X" * 30: []})})
     assert fake.rules("nat", "UPROXY-A") == ["-j UPROXY-B"]
+
+
+async def test_source_ranges_come_and_go_by_partial_syncs_and_cleanup_removes_them() -> None:
+    proxier, fake, clock = make(cleanup_on_exit=True)
+    plain = web(load_balancer_ips=("192.0.2.80",))
+    await proxier.sync(state((plain, THREE)))
+    fw = port_chain(FW_PREFIX, WEB, Protocol.TCP)
+    ranged = web(load_balancer_ips=("192.0.2.80",), load_balancer_source_ranges=("10.0.0.0/8",))
+    for current in (state((ranged, THREE)), state((plain, THREE)), state((ranged, THREE))):
+        clock.now += 1
+        await proxier.sync(current, frozenset({WEB}))
+        assert same(fake, current), fake.dump()
+        assert (fw in fake.chains("nat")) is bool(current.services[WEB].load_balancer_source_ranges)
+        assert bool(fake.rules("filter", "UPROXY-LB-FIREWALL")) is (fw in fake.chains("nat"))
+    counters = proxier.sync_counters()
+    assert (counters.full_syncs, counters.partial_syncs) == (1, 3)
+    await proxier.shutdown(5.0)
+    assert fake.owned() == {}

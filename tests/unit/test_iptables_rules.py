@@ -110,6 +110,7 @@ def test_cluster_ip_spreads_over_three_endpoints_with_kube_proxys_probabilities(
         *filter
         :UPROXY-EXTERNAL-SERVICES
         :UPROXY-FORWARD
+        :UPROXY-LB-FIREWALL
         :UPROXY-SERVICES
         {FORWARD}
         """  # noqa: E501
@@ -210,6 +211,7 @@ def test_no_endpoints_rejects_every_address_at_once_and_writes_no_nat_chain() ->
         *filter
         :UPROXY-EXTERNAL-SERVICES
         :UPROXY-FORWARD
+        :UPROXY-LB-FIREWALL
         :UPROXY-SERVICES
         -A UPROXY-EXTERNAL-SERVICES -d 192.168.99.11/32 -p tcp -m comment --comment "ns1/svc1:p80 has no endpoints" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable
         -A UPROXY-EXTERNAL-SERVICES -p tcp -m comment --comment "ns1/svc1:p80 has no endpoints" -m addrtype --dst-type LOCAL -m tcp --dport 3001 -j REJECT --reject-with icmp-port-unreachable
@@ -238,6 +240,7 @@ def test_local_policies_with_endpoints_only_elsewhere_drop_instead_of_rejecting(
         *filter
         :UPROXY-EXTERNAL-SERVICES
         :UPROXY-FORWARD
+        :UPROXY-LB-FIREWALL
         :UPROXY-SERVICES
         -A UPROXY-EXTERNAL-SERVICES -p tcp -m comment --comment "ns1/svc1:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp --dport 3001 -j DROP
         {FORWARD}
@@ -305,6 +308,9 @@ def test_jumps_hook_every_chain_kube_proxy_hooks() -> None:
             ("POSTROUTING", "UPROXY-POSTROUTING", False),
         ],
         "filter": [
+            ("INPUT", "UPROXY-LB-FIREWALL", True),
+            ("FORWARD", "UPROXY-LB-FIREWALL", True),
+            ("OUTPUT", "UPROXY-LB-FIREWALL", True),
             ("INPUT", "UPROXY-EXTERNAL-SERVICES", True),
             ("FORWARD", "UPROXY-FORWARD", False),
             ("FORWARD", "UPROXY-SERVICES", True),
@@ -331,3 +337,98 @@ def test_chain_names_fit_the_kernels_limit_and_are_kube_proxys_hashes() -> None:
     assert endpoint_chain(SVC1, Protocol.TCP, Endpoint("10.180.0.1", 80)) == (
         "UPROXY-SEP-SXIVWICOYRO3J4NJ"
     )
+
+
+# -- loadBalancerSourceRanges (kube-proxy's KUBE-FW-* and KUBE-PROXY-FIREWALL) ----------------
+
+FW_SERVICE = svc(
+    external_ips=("192.168.99.11",),
+    load_balancer_ips=("5.6.7.8", "2001:db8::5"),
+    node_port=3001,
+    load_balancer_source_ranges=("203.0.113.0/25", "198.51.100.0/24", "2001:db8:1::/64"),
+)
+
+
+def test_source_ranges_send_lb_traffic_through_a_firewall_chain_and_drop_the_rest() -> None:
+    # 203.0.113.7 is a node address inside a range: the LB IP itself is an allowed source too.
+    out = render([FW_SERVICE], {SVC1: eps("10.180.0.1")}, node_ips=("203.0.113.7",))
+    fw = "UPROXY-FW-XPGD46QRK7WJZT7O"
+    ext = "UPROXY-EXT-XPGD46QRK7WJZT7O"
+    assert out == expect(
+        f"""
+        *nat
+        :{ext}
+        :{fw}
+        :UPROXY-MARK-MASQ
+        :UPROXY-NODEPORTS
+        :UPROXY-POSTROUTING
+        :UPROXY-SEP-SXIVWICOYRO3J4NJ
+        :UPROXY-SERVICES
+        :UPROXY-SVC-XPGD46QRK7WJZT7O
+        -A {ext} -m comment --comment "masquerade traffic for ns1/svc1:p80 external destinations" -j UPROXY-MARK-MASQ
+        -A {ext} -m comment --comment "ns1/svc1:p80" -j UPROXY-SVC-XPGD46QRK7WJZT7O
+        -A {fw} -s 203.0.113.0/25 -m comment --comment "ns1/svc1:p80 loadbalancer IP" -j {ext}
+        -A {fw} -s 198.51.100.0/24 -m comment --comment "ns1/svc1:p80 loadbalancer IP" -j {ext}
+        -A {fw} -s 5.6.7.8/32 -m comment --comment "ns1/svc1:p80 loadbalancer IP" -j {ext}
+        -A {fw} -m comment --comment "other traffic to ns1/svc1:p80 will be dropped by UPROXY-LB-FIREWALL"
+        {MARK_MASQ}
+        -A UPROXY-NODEPORTS -p tcp -m comment --comment "ns1/svc1:p80" -m tcp --dport 3001 -j {ext}
+        {POSTROUTING}
+        -A UPROXY-SEP-SXIVWICOYRO3J4NJ -s 10.180.0.1/32 -m comment --comment "ns1/svc1:p80" -j UPROXY-MARK-MASQ
+        -A UPROXY-SEP-SXIVWICOYRO3J4NJ -p tcp -m comment --comment "ns1/svc1:p80" -j DNAT --to-destination 10.180.0.1:80
+        -A UPROXY-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp --dport 80 -j UPROXY-SVC-XPGD46QRK7WJZT7O
+        -A UPROXY-SERVICES -d 192.168.99.11/32 -p tcp -m comment --comment "ns1/svc1:p80 external IP" -m tcp --dport 80 -j {ext}
+        -A UPROXY-SERVICES -d 5.6.7.8/32 -p tcp -m comment --comment "ns1/svc1:p80 loadbalancer IP" -m tcp --dport 80 -j {fw}
+        {NODEPORTS_JUMP}
+        -A UPROXY-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j UPROXY-SEP-SXIVWICOYRO3J4NJ
+        *filter
+        :UPROXY-EXTERNAL-SERVICES
+        :UPROXY-FORWARD
+        :UPROXY-LB-FIREWALL
+        :UPROXY-SERVICES
+        {FORWARD}
+        -A UPROXY-LB-FIREWALL -d 5.6.7.8/32 -p tcp -m comment --comment "ns1/svc1:p80 traffic not accepted by {fw}" -m tcp --dport 80 -j DROP
+        """  # noqa: E501
+    )
+
+
+def test_without_a_node_address_in_the_ranges_the_lb_ip_is_no_allowed_source() -> None:
+    out = render([FW_SERVICE], {SVC1: eps("10.180.0.1")}, tables=("nat",), node_ips=("10.0.0.1",))
+    fw = [line for line in out.splitlines() if line.startswith("-A UPROXY-FW-")]
+    assert [line.split(" -m comment")[0] for line in fw] == [
+        "-A UPROXY-FW-XPGD46QRK7WJZT7O -s 203.0.113.0/25",
+        "-A UPROXY-FW-XPGD46QRK7WJZT7O -s 198.51.100.0/24",
+        "-A UPROXY-FW-XPGD46QRK7WJZT7O",
+    ]
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        (),  # no ranges: no firewall
+        ("2001:db8:1::/64",),  # only the other family's: this family is not firewalled
+    ],
+)
+def test_a_family_without_ranges_of_its_own_gets_no_firewall(ranges: tuple[str, ...]) -> None:
+    plain = svc(load_balancer_ips=("5.6.7.8",))
+    ranged = svc(load_balancer_ips=("5.6.7.8",), load_balancer_source_ranges=ranges)
+    endpoints = {SVC1: eps("10.180.0.1")}
+    assert render([ranged], endpoints) == render([plain], endpoints)
+    assert "UPROXY-FW-" not in render([ranged], endpoints)
+
+
+def test_without_endpoints_the_lb_ip_is_rejected_and_no_firewall_chain_is_written() -> None:
+    plain = svc(load_balancer_ips=("5.6.7.8",))
+    ranged = svc(load_balancer_ips=("5.6.7.8",), load_balancer_source_ranges=("10.0.0.0/8",))
+    assert render([ranged], {}) == render([plain], {})
+    assert "-d 5.6.7.8/32" in render([ranged], {}, tables=("filter",))
+
+
+def test_a_range_of_everything_is_written_without_a_source_match() -> None:
+    # iptables-save prints `-s 0.0.0.0/0` as nothing; the rule must read back as written.
+    ranged = svc(load_balancer_ips=("5.6.7.8",), load_balancer_source_ranges=("0.0.0.0/0",))
+    out = render([ranged], {SVC1: eps("10.180.0.1")}, tables=("nat",))
+    assert (
+        '-A UPROXY-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" '
+        "-j UPROXY-EXT-XPGD46QRK7WJZT7O"
+    ) in out.splitlines()

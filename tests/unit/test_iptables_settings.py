@@ -19,8 +19,25 @@ def test_settings_take_the_iptables_mode_and_an_ipv4_cluster_cidr() -> None:
     )
 
 
+def test_the_cluster_cidr_is_one_per_family_as_kube_proxys() -> None:
+    dual = Settings(cluster_cidr="10.244.0.0/16, fd00:10:244::1/56")
+    assert (dual.cluster_cidr_of(4), dual.cluster_cidr_of(6)) == (
+        "10.244.0.0/16",
+        "fd00:10:244::/56",
+    )
+    v6 = Settings(cluster_cidr="fd00:10:244::/56")
+    assert (v6.cluster_cidr_of(4), v6.cluster_cidr_of(6)) == (None, "fd00:10:244::/56")
+    assert Settings().cluster_cidr_of(4) is None
+
+
 @pytest.mark.parametrize(
-    ("cidr", "message"), [("10.244.0.0/33", "is not a CIDR"), ("fd00::/64", "is IPv6")]
+    ("cidr", "message"),
+    [
+        ("10.244.0.0/33", "'10.244.0.0/33' is not a CIDR"),
+        ("10.244.0.0/16,", "'' is not a CIDR"),
+        ("10.244.0.0/16,10.245.0.0/16", "at most one CIDR per IP family"),
+        ("fd00::/64,fd01::/64", "at most one CIDR per IP family"),
+    ],
 )
 def test_a_bad_cluster_cidr_is_refused_naming_the_flag(cidr: str, message: str) -> None:
     with pytest.raises(SettingsError, match=f"--cluster-cidr: .*{message}"):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from uproxy.errors import KernelError
 from uproxy.kernel.conntrack import UdpFlow
@@ -82,7 +83,9 @@ class Rig:
     def __init__(self, tmp: Path, **kw: Any) -> None:
         self.ipvs = FakeIpvs(node_ips=kw.pop("node_ips", (NODE_IP,)))
         self.nf = FakeNetfilter()
+        self.nf6 = FakeNetfilter("nft", 6)
         self.conntrack = FakeConntrack()
+        self.conntrack6 = FakeConntrack()
         self.clock = Clock()
         self.state_file = tmp / "ipvs-virtual-servers"
         self.worker = Worker("test-netlink")
@@ -95,6 +98,8 @@ class Rig:
             ipvs=self.ipvs,
             host=self.ipvs,
             netfilter=self.nf,
+            netfilter6=self.nf6,
+            families=self.kw.get("families", (4, 6)),
             worker=self.worker,
             graceful_period=self.kw.get("graceful_period", GRACE),
             scheduler=self.kw.get("scheduler", "rr"),
@@ -103,6 +108,7 @@ class Rig:
             strict_arp=self.kw.get("strict_arp", False),
             state_file=self.state_file,
             conntrack=self.conntrack,
+            conntrack6=self.conntrack6,
             clock=self.clock,
             housekeeping_interval=None,  # the tests call housekeep() themselves
         )
@@ -113,6 +119,9 @@ class Rig:
 
     def rules(self) -> list[str]:
         return self.nf.rules("nat", POSTROUTING_CHAIN)
+
+    def rules6(self) -> list[str]:
+        return self.nf6.rules("nat", POSTROUTING_CHAIN)
 
 
 @pytest.fixture
@@ -342,6 +351,74 @@ async def test_foreign_virtual_servers_are_never_touched(rig: Rig) -> None:
     assert rig.ipvs.servers[foreign].config == ServiceConfig("wlc")
 
 
+async def test_a_foreign_virtual_server_that_clashes_with_a_desired_one_is_left_alone(
+    rig: Rig,
+) -> None:
+    clash = vs()  # the ClusterIP's virtual server, made by someone else first
+    rig.ipvs.add_service(clash, ServiceConfig("wlc", 60))
+    rig.ipvs.add_dest(clash, rs("172.16.1.1", 443), 5)
+    api = svc(ServicePortName("default", "api", "http"), cluster_ips=("10.96.0.11",))
+    with structlog.testing.capture_logs() as logs:
+        await rig.proxier.sync(state((svc(), eps("10.1.0.2")), (api, eps("10.1.0.3"))))
+        await rig.proxier.sync(state((svc(), eps("10.1.0.2", "10.1.0.4")), (api, eps("10.1.0.3"))))
+    assert rig.ipvs.table()[clash] == {rs("172.16.1.1", 443): 5}
+    assert rig.ipvs.servers[clash].config == ServiceConfig("wlc", 60)
+    assert rig.ipvs.table()[vs("10.96.0.11")] == {rs("10.1.0.3"): 1}  # the rest is served
+    reports = [e for e in logs if e["event"] == "ipvs_foreign_virtual_server"]
+    assert [e["virtual_server"] for e in reports] == [str(clash)]  # once, not every sync
+    assert rig.proxier.foreign_clashes == 1
+    assert clash not in OwnedServers(rig.state_file).load()
+
+    # The service goes away, a restart, and a shutdown with cleanup: still never touched.
+    await rig.proxier.sync(state((api, eps("10.1.0.3"))))
+    rig.clock.now += GRACE + 1
+    await rig.proxier.housekeep()
+    assert rig.ipvs.table()[clash] == {rs("172.16.1.1", 443): 5}
+    await rig.proxier.sync(state((svc(), eps("10.1.0.2")), (api, eps("10.1.0.3"))))
+    assert rig.ipvs.table()[clash] == {rs("172.16.1.1", 443): 5}
+    restarted = rig.new_proxier()
+    await restarted.sync(state((svc(), eps("10.1.0.2"))))
+    assert rig.ipvs.table()[clash] == {rs("172.16.1.1", 443): 5}
+    assert restarted.foreign_clashes == 1
+
+
+async def test_once_its_owner_deletes_the_clash_uproxy_serves_the_port(rig: Rig) -> None:
+    rig.ipvs.add_service(vs(), ServiceConfig("wlc"))
+    await rig.proxier.sync(state((svc(), eps("10.1.0.2"))))
+    assert rig.ipvs.table()[vs()] == {}
+    rig.ipvs.delete_service(vs())
+    await rig.proxier.sync(state((svc(), eps("10.1.0.2"))))
+    assert rig.ipvs.table()[vs()] == {rs("10.1.0.2"): 1}
+    assert rig.ipvs.servers[vs()].config == ServiceConfig("rr")
+    assert vs() in OwnedServers(rig.state_file).load()
+
+
+async def test_cleanup_on_exit_spares_a_foreign_clash(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.ipvs.add_service(vs(), ServiceConfig("wlc"))
+    try:
+        proxier = IpvsProxier(
+            ipvs=rig.ipvs,
+            host=rig.ipvs,
+            netfilter=rig.nf,
+            worker=rig.worker,
+            state_file=rig.state_file,
+            conntrack=rig.conntrack,
+            clock=rig.clock,
+            housekeeping_interval=None,
+            cleanup_on_exit=True,
+        )
+        await proxier.sync(
+            state(
+                (svc(), eps("10.1.0.2")), (svc(DNS, cluster_ips=("10.96.0.53",)), eps("10.1.0.3"))
+            )
+        )
+        await proxier.shutdown(0)
+    finally:
+        rig.worker.close()
+    assert set(rig.ipvs.table()) == {vs()}
+
+
 async def test_udp_endpoint_removed_at_once_and_flows_flushed(rig: Rig) -> None:
     dns = svc(DNS, UDP, 53, cluster_ips=("10.96.0.53",))
     dns_vs = vs("10.96.0.53", 53, UDP)
@@ -563,14 +640,16 @@ async def test_cleanup_removes_only_uproxys_state(rig: Rig) -> None:
     await rig.proxier.shutdown(0)
     worker = Worker("test-cleanup")
     try:
-        worker.call(cleanup_blocking, rig.ipvs, rig.ipvs, OwnedServers(rig.state_file), rig.nf)
+        netfilters = (rig.nf, rig.nf6)
+        worker.call(cleanup_blocking, rig.ipvs, rig.ipvs, OwnedServers(rig.state_file), netfilters)
         # Twice: idempotent.
-        worker.call(cleanup_blocking, rig.ipvs, rig.ipvs, OwnedServers(rig.state_file), rig.nf)
+        worker.call(cleanup_blocking, rig.ipvs, rig.ipvs, OwnedServers(rig.state_file), netfilters)
     finally:
         worker.close()
     assert set(rig.ipvs.table()) == {foreign}
     assert DUMMY_INTERFACE not in rig.ipvs.links
     assert rig.nf.owned() == {}
+    assert rig.nf6.owned() == {}
     assert not rig.state_file.exists()
 
 
@@ -635,14 +714,140 @@ async def test_worker_runs_everything_on_one_thread() -> None:
         worker.close()
 
 
+# -- IPv6 and dual stack ------------------------------------------------------------------------
+
+NODE6 = "2001:db8::10"
+DUAL = svc(cluster_ips=("10.96.0.10", "fd00:96::10"), node_port=30080)
+DUAL_ENDPOINTS = eps("10.1.0.2", "fd00:11::2", "fd00:11::3")
+
+
+def dual_rig(tmp_path: Path, **kw: Any) -> Rig:
+    return Rig(tmp_path, node_ips=(NODE_IP, NODE6), **kw)
+
+
 async def test_ipv6_service(rig: Rig) -> None:
     service = svc(cluster_ips=("fd00:96::10",))
     endpoints = eps("fd00:11::2") + eps("10.1.0.2")  # the IPv4 one cannot serve an IPv6 VIP
     await rig.proxier.sync(state((service, endpoints)))
     assert rig.ipvs.table() == {vs("fd00:96::10"): {rs("fd00:11::2"): 1}}
     assert rig.addresses == {"fd00:96::10"}
-    # The masquerade rules are iptables (IPv4) rules: nothing for IPv6 in them.
+    # Its masquerade rules are in ip6tables; iptables gets none of its real servers.
     assert rig.rules() == [LOCAL_CLIENT_RULE]
+    assert rig.rules6() == [
+        LOCAL_CLIENT_RULE,
+        "-s fd00:11::2/128 -d fd00:11::2/128 -m ipvs --vdir ORIGINAL --vmethod MASQ "
+        '-m comment --comment "uproxy IPVS: hairpin" -j MASQUERADE',
+    ]
+    assert rig.nf6.rules("nat", "POSTROUTING") == rig.nf.rules("nat", "POSTROUTING")
+
+
+async def test_dual_stack_service_gets_each_familys_real_servers(tmp_path: Path) -> None:
+    rig = dual_rig(tmp_path)
+    try:
+        await rig.proxier.sync(state((DUAL, DUAL_ENDPOINTS)))
+    finally:
+        rig.worker.close()
+    v6 = {rs("fd00:11::2"): 1, rs("fd00:11::3"): 1}
+    assert rig.ipvs.table() == {
+        vs("10.96.0.10"): {rs("10.1.0.2"): 1},
+        vs("fd00:96::10"): v6,
+        vs(NODE_IP, 30080): {rs("10.1.0.2"): 1},
+        vs(NODE6, 30080): v6,  # the NodePort on the node's IPv6 address
+    }
+    assert rig.addresses == {"10.96.0.10", "fd00:96::10"}
+    external = "--vdir ORIGINAL --vmethod MASQ -m comment --comment "
+    external += '"uproxy IPVS: external traffic" -j MASQUERADE'
+    assert rig.rules()[-1] == f"-m ipvs --vaddr {NODE_IP} {external}"
+    assert rig.rules6()[-1] == f"-m ipvs --vaddr {NODE6} {external}"
+    assert not any(":" in rule.split("--comment")[0] for rule in rig.rules())
+    assert not any("10." in rule for rule in rig.rules6())
+
+
+def test_a_single_stack_service_has_no_nodeport_of_the_other_family() -> None:
+    only4 = svc(node_port=30080)
+    only6 = svc(ServicePortName("default", "v6"), cluster_ips=("fd00:96::10",), node_port=30081)
+    desired = compute_desired(
+        state((only4, eps("10.1.0.2")), (only6, eps("fd00:11::2"))),
+        scheduler="rr",
+        node_name="n",
+        node_ips=[NODE_IP, NODE6],
+    )
+    assert set(desired.servers) == {
+        vs(),
+        vs("fd00:96::10"),
+        vs(NODE_IP, 30080),
+        vs(NODE6, 30081),
+    }
+
+
+async def test_ipv6_left_out_serves_ipv4_alone(tmp_path: Path) -> None:
+    rig = dual_rig(tmp_path, families=(4,))
+    try:
+        await rig.proxier.sync(state((DUAL, DUAL_ENDPOINTS)))
+    finally:
+        rig.worker.close()
+    assert rig.ipvs.table() == {
+        vs("10.96.0.10"): {rs("10.1.0.2"): 1},
+        vs(NODE_IP, 30080): {rs("10.1.0.2"): 1},
+    }
+    assert rig.addresses == {"10.96.0.10"}
+
+
+async def test_affinity_over_ipv6_is_persistence(tmp_path: Path) -> None:
+    rig = dual_rig(tmp_path)
+    sticky = svc(cluster_ips=("10.96.0.10", "fd00:96::10"), affinity_timeout=600)
+    try:
+        await rig.proxier.sync(state((sticky, DUAL_ENDPOINTS)))
+    finally:
+        rig.worker.close()
+    for ip in ("10.96.0.10", "fd00:96::10"):
+        assert rig.ipvs.servers[vs(ip)].config == ServiceConfig("rr", 600)
+
+
+async def test_ipv6_udp_flows_are_flushed_in_ipv6s_table(rig: Rig) -> None:
+    dns = svc(DNS, UDP, 53, cluster_ips=("10.96.0.53", "fd00:96::53"))
+    await rig.proxier.sync(state((dns, ())))
+    flow4 = UdpFlow("10.0.0.5", 4000, "10.96.0.53", 53, "10.96.0.53", 53)
+    flow6 = UdpFlow("fd00:10::5", 4000, "fd00:96::53", 53, "fd00:96::53", 53)
+    rig.conntrack.flows = [flow4]
+    rig.conntrack6.flows = [flow6]
+    await rig.proxier.sync(state((dns, eps("fd00:11::2", port=53))))  # only IPv6 has one now
+    assert rig.conntrack6.flows == []
+    assert rig.conntrack.flows == [flow4]
+
+
+async def test_ipv6_forwarding_off_is_reported_once_and_left_alone(rig: Rig) -> None:
+    ipv4_only = state((svc(), eps("10.1.0.2")))
+    dual = state((svc(cluster_ips=("10.96.0.10", "fd00:96::10")), DUAL_ENDPOINTS))
+    with structlog.testing.capture_logs() as logs:
+        await rig.proxier.sync(ipv4_only)
+        for _ in range(2):
+            rig.clock.now += 100  # full syncs, which check the sysctls
+            await rig.proxier.sync(dual)
+    assert [e["event"] for e in logs].count("ipv6_forwarding_off") == 1
+    assert rig.ipvs.sysctls["net.ipv6.conf.all.forwarding"] == "0"
+    assert rig.ipvs.sysctls["net.ipv4.ip_forward"] == "1"
+
+
+async def test_ipv6_load_balancer_firewall_in_ip6tables(rig: Rig) -> None:
+    await rig.proxier.sync(state((ranged(), eps("10.1.0.2", "fd00:11::2"))))
+    firewall6 = rig.nf6.rules("filter", "UPROXY-IPVS-FIREWALL")
+    match = '-d 2001:db8::7/128 -p tcp -m comment --comment "default/web:http loadbalancer IP"'
+    assert firewall6 == [
+        f"-s fd00::/8 {match} -m tcp --dport 80 -j RETURN",
+        '-d 2001:db8::7/128 -p tcp -m comment --comment "default/web:http traffic not in '
+        'loadBalancerSourceRanges" -m tcp --dport 80 -j DROP',
+    ]
+    assert rig.nf6.rules("filter", "INPUT") == rig.nf.rules("filter", "INPUT")
+    assert not any("2001:db8" in r for r in rig.nf.rules("filter", "UPROXY-IPVS-FIREWALL"))
+
+
+async def test_other_modes_ip6tables_leftovers_are_removed(rig: Rig) -> None:
+    rig.nf6.apply({"nat": TableUpdate(replace={"UPROXY-PORTALS": ["-d fd00:96::10/128 -j DNAT"]})})
+    rig.nf6.ensure_jumps("nat", [Jump("PREROUTING", "UPROXY-PORTALS", "portals")])
+    await rig.proxier.sync(state((svc(cluster_ips=("fd00:96::10",)), eps("fd00:11::2"))))
+    assert rig.nf6.chains("nat") == [POSTROUTING_CHAIN]
+    assert rig.nf6.rules("nat", "PREROUTING") == []
 
 
 async def test_a_failed_sync_never_loses_ownership(rig: Rig) -> None:
@@ -675,3 +880,91 @@ async def test_a_sync_failing_after_creating_keeps_the_record(rig: Rig) -> None:
     await rig.proxier.housekeep()
     await rig.proxier.sync(state((other, eps("10.1.0.4"))))
     assert set(rig.ipvs.table()) == {vs("10.96.0.11")}
+
+
+# -- loadBalancerSourceRanges ------------------------------------------------------------------
+
+
+def ranged(**kw: Any) -> Any:
+    kw.setdefault("load_balancer_ips", ("198.51.100.7", "2001:db8::7"))
+    kw.setdefault("external_ips", ("203.0.113.5",))
+    kw.setdefault("load_balancer_source_ranges", ("10.0.0.0/8", "192.0.2.0/24", "fd00::/8"))
+    return svc(**kw)
+
+
+def test_source_ranges_render_a_filter_firewall_for_ipv4_lb_virtual_servers() -> None:
+    # 192.0.2.10, a node address, is in a range: the LB IP is an allowed source too.
+    desired = compute_desired(
+        state((ranged(), eps("10.1.0.2"))),
+        scheduler="rr",
+        node_name="n",
+        node_ips=[],
+        node_addresses=["192.0.2.10"],
+    )
+    comment = '-m comment --comment "default/web:http loadbalancer IP"'
+    match = f"-d 198.51.100.7/32 -p tcp {comment} -m tcp --dport 80"
+    assert list(desired.firewall_of(4)) == [
+        f"-s 10.0.0.0/8 {match} -j RETURN",
+        f"-s 192.0.2.0/24 {match} -j RETURN",
+        f"-s 198.51.100.7/32 {match} -j RETURN",
+        '-d 198.51.100.7/32 -p tcp -m comment --comment "default/web:http traffic not in '
+        'loadBalancerSourceRanges" -m tcp --dport 80 -j DROP',
+    ]
+    # Without a node address in the ranges, and with only IPv6 ranges (per family), or none.
+    assert (
+        len(
+            compute_desired(
+                state((ranged(), eps("10.1.0.2"))), scheduler="rr", node_name="n", node_ips=[]
+            ).firewall_of(4)
+        )
+        == 3
+    )
+    for ranges in ((), ("fd00::/8",)):
+        only = ranged(load_balancer_source_ranges=ranges)
+        plain = compute_desired(
+            state((only, eps("10.1.0.2"))), scheduler="rr", node_name="n", node_ips=[]
+        )
+        assert plain.firewall_of(4) == ()
+
+
+async def test_the_firewall_chain_comes_and_goes_with_the_ranges(rig: Rig) -> None:
+    await rig.proxier.sync(state((ranged(), eps("10.1.0.2"))))
+    firewall = rig.nf.rules("filter", "UPROXY-IPVS-FIREWALL")
+    # The fake node's address, 192.0.2.10, is in a range: the LB IP may be a source too.
+    assert [r.split("-d ")[0].strip() for r in firewall] == [
+        "-s 10.0.0.0/8",
+        "-s 192.0.2.0/24",
+        "-s 198.51.100.7/32",
+        "",
+    ]
+    assert firewall[-1].endswith("-j DROP")
+    assert rig.nf.rules("filter", "INPUT") == [
+        '-m conntrack --ctstate NEW -m comment --comment "uproxy IPVS load balancer firewall" '
+        "-j UPROXY-IPVS-FIREWALL"
+    ]
+    rig.clock.now += 1
+    await rig.proxier.sync(state((ranged(load_balancer_source_ranges=()), eps("10.1.0.2"))))
+    assert rig.nf.owned().get("filter") is None
+    rig.clock.now += 1
+    await rig.proxier.sync(state((ranged(), eps("10.1.0.2"))))
+    assert rig.nf.rules("filter", "UPROXY-IPVS-FIREWALL") == firewall
+    cleanup_blocking(rig.ipvs, rig.ipvs, OwnedServers(rig.state_file), [rig.nf, rig.nf6])
+    assert rig.nf.owned() == {}
+    assert rig.nf6.owned() == {}
+
+
+def test_topology_hints_pick_this_zones_real_servers() -> None:
+    hinted = (
+        Endpoint("10.1.0.2", 8080, zone_hints=("zone-a",)),
+        Endpoint("10.1.0.3", 8080, zone_hints=("zone-b",)),
+    )
+    zoned = state((svc(), hinted))
+    here = compute_desired(
+        ProxyState(services=zoned.services, endpoints=zoned.endpoints, node_zone="zone-a"),
+        scheduler="rr",
+        node_name="n",
+        node_ips=[],
+    )
+    assert here.servers[vs()].dests == {rs("10.1.0.2")}
+    nowhere = compute_desired(zoned, scheduler="rr", node_name="n", node_ips=[])
+    assert nowhere.servers[vs()].dests == {rs("10.1.0.2"), rs("10.1.0.3")}  # no zone: all

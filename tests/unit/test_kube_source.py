@@ -23,7 +23,7 @@ from tests.kubeconfig import kubeconfig_dict, make_tls, write_kubeconfig
 from uproxy.changes import ChangeTracker
 from uproxy.endpoints import endpoints_for_port
 from uproxy.errors import SettingsError
-from uproxy.model import EndpointSlice, ObjectKey, Protocol, ServicePort, ServicePortName
+from uproxy.model import EndpointSlice, NodeInfo, ObjectKey, Protocol, ServicePort, ServicePortName
 from uproxy.sources.kube import LABEL_SELECTOR, KubeSource
 from uproxy.sources.kube import _reconnect_backoff as _Backoff
 
@@ -41,6 +41,7 @@ class StateHandler:
         self.services: dict[ObjectKey, tuple[ServicePort, ...]] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
         self.synced: list[str] = []
+        self.zones: dict[str, str] = {}
         self.tracker = ChangeTracker(["kubernetes"], on_change=lambda: None)
 
     def service_updated(self, key: ObjectKey, ports: tuple[ServicePort, ...]) -> None:
@@ -58,6 +59,14 @@ class StateHandler:
     def slice_deleted(self, key: ObjectKey) -> None:
         self.slices.pop(key, None)
         self.tracker.slice_deleted(key)
+
+    def node_updated(self, node: NodeInfo) -> None:
+        self.zones[node.name] = node.zone
+        self.tracker.node_updated(node)
+
+    def node_deleted(self, name: str) -> None:
+        self.zones.pop(name, None)
+        self.tracker.node_deleted(name)
 
     def source_synced(self, source: str) -> None:
         self.synced.append(source)
@@ -538,3 +547,45 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
         assert ceiling / 2 <= delay <= ceiling
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+# --- this node's Node (topology zone) -----------------------------------------------------------
+
+
+def node(name: str, zone: str | None) -> dict[str, Any]:
+    labels = {"topology.kubernetes.io/zone": zone} if zone is not None else {}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+
+async def test_only_this_nodes_node_is_watched_for_its_zone(
+    api: KubeApiServer, kubeconfig: Path
+) -> None:
+    seed_web(api)
+    api.apply(node("node-a", "zone-a"))
+    api.apply(node("node-b", "zone-b"))
+    handler = StateHandler()
+    async with running(source(kubeconfig, node_name="node-a"), handler):
+        await synced(handler)
+        await wait_until(lambda: handler.zones == {"node-a": "zone-a"}, "node-a's zone")
+        api.apply(node("node-a", "zone-c"))
+        api.apply(node("node-b", "zone-d"))
+        await wait_until(lambda: handler.zones == {"node-a": "zone-c"}, "zone relabelled")
+        api.delete("Node", "default", "node-a")
+        await wait_until(lambda: handler.zones == {}, "node deleted")
+    assert handler.tracker.snapshot().state.node_zone == ""
+    (_, _, params) = next(q for q in api.queries if q[1] == "nodes")
+    assert params["fieldSelector"] == "metadata.name=node-a"
+
+
+async def test_proxying_does_not_wait_for_a_node_it_may_not_read(
+    api: KubeApiServer, kubeconfig: Path
+) -> None:
+    seed_web(api)
+    api.fail("nodes", 403)  # a role without `get nodes`
+    handler = StateHandler()
+    async with running(source(kubeconfig, node_name="node-a"), handler):
+        await synced(handler)
+        assert handler.endpoints(WEB) == ["10.0.0.1:8080"]
+        api.heal("nodes")
+        api.apply(node("node-a", "zone-a"))
+        await wait_until(lambda: handler.zones == {"node-a": "zone-a"}, "zone once allowed")

@@ -426,6 +426,8 @@ def server_process(tmp_path: Path) -> Iterator[tuple[KubeApiControl, Path]]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 async def test_as_a_process_with_the_control_api(

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import yaml
 
 from uproxy.errors import ManifestError
-from uproxy.model import AddressType, EndpointSlice, ObjectKey, Protocol, ServicePort
+from uproxy.model import AddressType, EndpointSlice, NodeInfo, ObjectKey, Protocol, ServicePort
 from uproxy.sources.fqdn_resolver import resolve_host
 from uproxy.sources.manifest_loader import (
     ManifestItemError,
@@ -96,7 +98,9 @@ def test_multi_document_yaml(tmp_path: Path) -> None:
     assert loaded.services[WEB][0].port == 80
     assert list(loaded.slices) == [WEB_SLICE]
     assert loaded.slices[WEB_SLICE].service == WEB
-    assert loaded.ignored_kinds == ("v1/ConfigMap",)
+    assert [(i.document, i.object, i.other_kind) for i in loaded.ignored] == [
+        (4, "ConfigMap x", True)
+    ]
 
 
 def test_json_file(tmp_path: Path) -> None:
@@ -128,9 +132,10 @@ def test_skipped_objects_are_recorded(tmp_path: Path) -> None:
     path.write_text(docs(service_doc(clusterIP="None"), slice_doc(service="")))
     loaded = load_file(path)
     assert loaded.services == {} and loaded.slices == {}
-    assert [(s.kind, s.key) for s in loaded.skipped] == [
-        ("Service", WEB),
-        ("EndpointSlice", WEB_SLICE),
+    assert [(s.kind, s.key) for s in loaded.skipped] == [("Service", WEB)]
+    # A slice of no Service is not a deliberate skip but a mistake: it is reported as ignored.
+    assert [(i.document, i.object, i.other_kind) for i in loaded.ignored] == [
+        (2, f"EndpointSlice {WEB_SLICE}", False)
     ]
 
 
@@ -336,6 +341,7 @@ class StateHandler:
     def __init__(self) -> None:
         self.services: dict[ObjectKey, tuple[ServicePort, ...]] = {}
         self.slices: dict[ObjectKey, EndpointSlice] = {}
+        self.nodes: dict[str, NodeInfo] = {}
         self.synced: list[str] = []
         self.updates: Counter[ObjectKey] = Counter()
         self.fail_next = 0
@@ -360,6 +366,12 @@ class StateHandler:
 
     def slice_deleted(self, key: ObjectKey) -> None:
         self.slices.pop(key, None)
+
+    def node_updated(self, node: NodeInfo) -> None:
+        self.nodes[node.name] = node
+
+    def node_deleted(self, name: str) -> None:
+        self.nodes.pop(name, None)
 
     def source_synced(self, source: str) -> None:
         self.synced.append(source)
@@ -600,6 +612,35 @@ async def test_fqdn_address_types(tmp_path: Path) -> None:
         assert handler.slices[WEB_SLICE].address_type is AddressType.IPV4
 
 
+@pytest.mark.parametrize(
+    ("spec", "choice", "expected"),
+    [
+        ({}, "service", ["10.0.0.1"]),  # an IPv4 Service: its FQDN endpoints resolve to IPv4
+        (
+            {"clusterIP": "fd00:96::10"},
+            "service",
+            ["fd00::1"],
+        ),
+        (
+            {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"]},
+            "service",
+            ["10.0.0.1", "fd00::1"],
+        ),
+        ({"clusterIP": "None"}, "service", ["10.0.0.1", "fd00::1"]),  # headless: both
+        ({}, "IPv6", ["fd00::1"]),
+        ({}, "both", ["10.0.0.1", "fd00::1"]),
+    ],
+)
+async def test_fqdn_endpoints_resolve_to_the_families_asked_for(
+    tmp_path: Path, spec: dict[str, Any], choice: str, expected: list[str]
+) -> None:
+    (tmp_path / "web.yaml").write_text(docs(service_doc(**spec), fqdn_slice("dual")))
+    dns = FakeDns({"dual": ["fd00::1", "10.0.0.1"]})
+    handler = StateHandler()
+    async with running(source_for(tmp_path, resolver=dns, fqdn_families=choice), handler):
+        await eventually(lambda: handler.ips() == expected)
+
+
 async def test_fqdn_changes_redelivered_and_failures_keep_last(tmp_path: Path) -> None:
     (tmp_path / "web.yaml").write_text(fqdn_slice("web-a", "web-b"))
     dns = FakeDns({"web-a": ["10.0.0.1"]})
@@ -648,3 +689,18 @@ async def test_run_is_cancellable_during_slow_dns(tmp_path: Path) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_file_deleted_between_listing_and_reading_is_gone_not_invalid(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "web.yaml").write_text(service_doc())
+    source = source_for(tmp_path)
+    listed = [tmp_path / "web.yaml"]
+    assert await source._reload_changed(listed, force=True)
+    (tmp_path / "web.yaml").unlink()  # a directory listing that still names it
+    with structlog.testing.capture_logs() as logs:
+        assert await source._reload_changed(listed, force=False)
+        assert not await source._reload_changed(listed, force=True)
+    assert [e for e in logs if e["log_level"] == "error"] == []
+    assert source._merged().services == {}

@@ -26,9 +26,12 @@ from uproxy.proxier.netfilter_portals import (
     PROXY_GUARD,
     PROXY_PORTS,
     NetfilterPortals,
+    RuleContext,
     compute_rules,
+    portal_rules,
     portal_shard,
     proxy_port_shard,
+    tcp_redirects,
 )
 from uproxy.proxier.portals import Portal
 
@@ -222,6 +225,63 @@ def test_external_traffic_goes_to_the_external_listener_when_it_has_one() -> Non
     assert sorted(s.split("--dport ")[1].split()[0] for s in guarded) == ["40001", "40002"]
 
 
+def test_source_ranges_redirect_only_allowed_sources_and_drop_the_rest() -> None:
+    p = portal(
+        WEB,
+        40001,
+        load_balancer_ips=("1.2.3.4",),
+        external_ips=("203.0.113.7",),
+        node_port=30080,
+        load_balancer_source_ranges=("10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"),
+    )
+    # 192.0.2.5, a node address, is in a range: the LB IP is an allowed source too.
+    rules = compute_rules({WEB: p}, node_ips=("192.0.2.5",))
+    match = '-p tcp -m comment --comment "default/web:http" -m tcp --dport 80'
+    assert rules.chains[NAT][portal_shard("1.2.3.4")] == [
+        f"-s 10.0.0.0/8 -d 1.2.3.4/32 {match} -j REDIRECT --to-ports 40001",
+        f"-s 192.0.2.0/24 -d 1.2.3.4/32 {match} -j REDIRECT --to-ports 40001",
+        f"-s 1.2.3.4/32 -d 1.2.3.4/32 {match} -j REDIRECT --to-ports 40001",
+    ]
+    assert rules.chains[FILTER]["UPROXY-PORTAL-FIREWALL"] == [f"-d 1.2.3.4/32 {match} -j DROP"]
+    # externalIPs, ClusterIPs and NodePorts are not subject to the ranges.
+    plain = portal(WEB, 40001, load_balancer_ips=("1.2.3.4",), external_ips=("203.0.113.7",))
+    plain_rules = compute_rules({WEB: Portal(plain.service, 40001)})
+    for chain in (portal_shard("203.0.113.7"), portal_shard("10.96.0.10"), PORTALS_CONTAINER):
+        assert rules.chains[NAT][chain] == plain_rules.chains[NAT][chain]
+    assert rules.chains[NAT][NODEPORTS] == [
+        '-p tcp -m comment --comment "default/web:http" -m tcp --dport 30080 '
+        "-j REDIRECT --to-ports 40001"
+    ]
+
+
+@pytest.mark.parametrize("ranges", [(), ("2001:db8::/32",)])
+def test_no_ranges_of_ipv4_means_no_firewall(ranges: tuple[str, ...]) -> None:
+    ranged = portal(WEB, 40001, load_balancer_ips=("1.2.3.4",), load_balancer_source_ranges=ranges)
+    plain = portal(WEB, 40001, load_balancer_ips=("1.2.3.4",))
+    assert compute_rules({WEB: ranged}).chains == compute_rules({WEB: plain}).chains
+    assert compute_rules({WEB: ranged}).chains[FILTER]["UPROXY-PORTAL-FIREWALL"] == []
+
+
+async def test_source_ranges_come_and_go_by_incremental_syncs() -> None:
+    portals, fake, clock = make()
+    plain = {WEB: portal(WEB, 40001, load_balancer_ips=("1.2.3.4",))}
+    ranged = {
+        WEB: portal(
+            WEB, 40001, load_balancer_ips=("1.2.3.4",), load_balancer_source_ranges=("10.0.0.0/8",)
+        )
+    }
+    await portals.sync(plain)
+    for wanted in (ranged, plain, ranged):
+        clock.now += 1
+        await portals.sync(wanted, frozenset({WEB}))
+        assert_converged(fake, wanted)
+    assert fake.rules(FILTER, "UPROXY-PORTAL-FIREWALL") == [
+        '-d 1.2.3.4/32 -p tcp -m comment --comment "default/web:http" -m tcp --dport 80 -j DROP'
+    ]
+    await portals.cleanup()
+    assert fake.owned() == {}
+
+
 def test_comments_keep_only_safe_characters() -> None:
     odd = ServicePortName("ns", 'we"b x', "p'1")
     assert np.rule_comment(odd) == "ns/webx:p1"
@@ -252,9 +312,13 @@ async def test_first_sync_installs_chains_jumps_and_rules_beside_foreign_ones() 
     ]  # foreign rules untouched, in order
     assert prerouting[4].endswith("-j UPROXY-NODEPORTS")  # NodePorts last
     assert fake.rules(NAT, "OUTPUT")[0].endswith("-j UPROXY-PORTALS")
+    firewall = '-m conntrack --ctstate NEW -m comment --comment "uproxy portals load balancer '
     assert fake.rules(FILTER, "INPUT") == [
-        '-m conntrack --ctstate NEW -m comment --comment "uproxy proxy ports" -j UPROXY-PROXY-PORTS'
+        f'{firewall}firewall" -j UPROXY-PORTAL-FIREWALL',
+        '-m conntrack --ctstate NEW -m comment --comment "uproxy proxy ports" -j UPROXY-PROXY-PORTS',  # noqa: E501
     ]
+    for hook in ("FORWARD", "OUTPUT"):
+        assert fake.rules(FILTER, hook) == [f'{firewall}firewall" -j UPROXY-PORTAL-FIREWALL']
     assert fake.rules(NAT, "KUBE-SERVICES-ish") == ["-d 10.0.0.1/32 -j RETURN"]
 
 
@@ -480,6 +544,50 @@ async def test_a_udp_portal_moving_to_a_new_proxy_port_drops_its_flows() -> None
     clock.now += 1
     await portals.sync({DNS: dns_portal(40054)})
     assert conntrack.flows == []
+
+
+async def test_the_first_sync_deletes_tcp_entries_to_virtual_addresses_made_without_nat() -> None:
+    def tcp(dst: str, sport: int, reply_src: str, reply_sport: int) -> UdpFlow:
+        return UdpFlow("10.10.0.2", sport, dst, 80, reply_src, reply_sport, protocol="tcp")
+
+    unnated = tcp("10.96.0.10", 4000, "10.96.0.10", 80)  # made before the portal was in
+    redirected = tcp("10.96.0.10", 4001, "10.10.0.1", 40001)
+    to_a_real_host = tcp("192.0.2.7", 4002, "192.0.2.7", 80)
+    conntrack = FakeConntrack([unnated, redirected, to_a_real_host])
+    portals, _, clock = make(conntrack=conntrack)
+    await portals.sync({WEB: portal(WEB, 40001)})
+    assert conntrack.flows == [redirected, to_a_real_host]
+    conntrack.flows.append(unnated)
+    clock.now += 1
+    await portals.sync({WEB: portal(WEB, 40001)})
+    assert conntrack.flows == [redirected, to_a_real_host, unnated]  # only after a start
+
+
+async def test_a_restart_deletes_tcp_entries_a_dead_run_steered_to_its_proxy_ports() -> None:
+    def tcp(dst: str, dport: int, sport: int, reply_sport: int) -> UdpFlow:
+        return UdpFlow("10.10.0.2", sport, dst, dport, "10.10.0.1", reply_sport, protocol="tcp")
+
+    # The dead run's portals, as the kernel still has them when the new run starts.
+    old, fake, _ = make()
+    await old.sync({WEB: portal(WEB, 39167, node_port=30080)})
+    refused_there = tcp("10.96.0.10", 80, 4000, 39167)  # in CLOSE: the next SYN keeps its NAT
+    nodeport_there = tcp("10.10.0.1", 30080, 4001, 39167)
+    this_run = tcp("10.96.0.10", 80, 4002, 40001)
+    elsewhere = tcp("192.0.2.7", 80, 4003, 39167)  # not a portal's address
+    conntrack = FakeConntrack([refused_there, nodeport_there, this_run, elsewhere])
+    portals, _, _ = make(fake, conntrack=conntrack)
+    await portals.flush_at_start()
+    await portals.sync({WEB: portal(WEB, 40001, node_port=30080)})
+    assert conntrack.flows == [this_run, elsewhere]
+
+
+def test_tcp_redirects_reads_a_runs_tcp_portals_from_its_rules() -> None:
+    rules = portal_rules(WEB, portal(WEB, 39167, node_port=30080), RuleContext())
+    chains: dict[str, list[str]] = {}
+    for table, chain, spec in rules:
+        if table == "nat":
+            chains.setdefault(chain, []).append(spec)
+    assert tcp_redirects(chains) == {("10.96.0.10", 80, 39167), (None, 30080, 39167)}
 
 
 def test_flow_matches() -> None:

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from uproxy.endpoints import categorize_endpoints
 from uproxy.errors import KernelError
 from uproxy.kernel.conntrack import UdpFlow
 from uproxy.kernel.fake import FakeConntrack
@@ -17,12 +18,15 @@ from uproxy.proxier.nftables import NftablesProxier
 from uproxy.proxier.nftables_capabilities import check_nftables
 from uproxy.proxier.nftables_rules import (
     DROP_VERDICT,
+    FIREWALL_IPS,
     NO_ENDPOINT_NODEPORTS,
     NO_ENDPOINT_SERVICES,
     REJECT_VERDICT,
     SERVICE_IPS,
     SERVICE_NODEPORTS,
     NatConfig,
+    PortObjects,
+    render_port,
 )
 
 HERE = "node-a"
@@ -183,6 +187,8 @@ async def test_partial_syncs_end_where_a_full_sync_would() -> None:
                 affinity_timeout=rng.choice([None, 30, 60]),
                 internal_traffic_local=rng.random() < 0.2,
                 external_traffic_local=rng.random() < 0.3,
+                load_balancer_ips=(f"198.51.100.{i + 1}",) if rng.random() < 0.4 else (),
+                load_balancer_source_ranges=rng.choice([(), ("10.0.0.0/8",), ("2001:db8::/32",)]),
             )
             count = rng.randrange(0, 4)
             eps = tuple(
@@ -315,3 +321,88 @@ def test_a_host_that_cannot_do_nftables_is_refused_with_the_alternatives_named()
         KernelError, match=r"nftables mode needs .*--mode iptables or --mode userspace"
     ):
         check_nftables(RefusingNft())
+
+
+# -- loadBalancerSourceRanges (kube-proxy's firewall-ips map and firewall-check chain) --------
+
+FW_NAME = ServicePortName("ns1", "svc1", "p80")
+FW_SERVICE = ServicePort(
+    FW_NAME,
+    Protocol.TCP,
+    80,
+    cluster_ips=("172.30.0.41",),
+    external_ips=("192.168.99.11",),
+    load_balancer_ips=("5.6.7.8", "2001:db8::5"),
+    node_port=3001,
+    load_balancer_source_ranges=("203.0.113.0/25", "2001:db8:1::/64"),
+)
+
+
+def test_source_ranges_render_a_firewall_chain_and_an_element_per_lb_ip() -> None:
+    endpoints = (Endpoint("10.180.0.1", 80),)
+    selection = categorize_endpoints(endpoints, FW_SERVICE, HERE)
+    # 203.0.113.7, a node address, is in a range: the LB IP is an allowed source too.
+    objects = render_port(FW_SERVICE, selection, NatConfig(node_ips=("203.0.113.7",)))
+    sep = "endpoint-X6PRLJMO-ns1/svc1/tcp/p80/10.180.0.1/80"
+    svc, ext, fw = (
+        f"{kind}-KUEAGMSZ-ns1/svc1/tcp/p80" for kind in ("service", "external", "firewall")
+    )
+    assert objects == PortObjects(
+        chains=(
+            (
+                sep,
+                (
+                    "ip saddr 10.180.0.1 jump mark-for-masquerade",
+                    'meta l4proto tcp dnat to 10.180.0.1:80 comment "ns1/svc1:p80"',
+                ),
+            ),
+            (svc, (f"goto {sep}",)),
+            (ext, ("jump mark-for-masquerade", f"goto {svc}")),
+            (fw, ("ip saddr != { 203.0.113.0/25, 5.6.7.8 } drop",)),
+        ),
+        elements=(
+            Element(SERVICE_IPS, "172.30.0.41 . tcp . 80", f"goto {svc}"),
+            Element(SERVICE_IPS, "192.168.99.11 . tcp . 80", f"goto {ext}"),
+            Element(SERVICE_IPS, "5.6.7.8 . tcp . 80", f"goto {ext}"),
+            Element(FIREWALL_IPS, "5.6.7.8 . tcp . 80", f"goto {fw}"),
+            Element(SERVICE_NODEPORTS, "tcp . 3001", f"goto {ext}"),
+        ),
+    )
+
+
+def test_each_family_firewalls_with_its_own_ranges_only() -> None:
+    v6 = dataclasses.replace(FW_SERVICE, cluster_ips=("fd00::41",), external_ips=())
+    selection = categorize_endpoints((Endpoint("fd00:1::1", 80),), v6, HERE)
+    objects = render_port(v6, selection, NatConfig(family=6, node_ips=("203.0.113.7",)))
+    fw = "firewall-KUEAGMSZ-ns1/svc1/tcp/p80"
+    assert (fw, ("ip6 saddr != { 2001:db8:1::/64 } drop",)) in objects.chains
+    assert [e for e in objects.elements if e.container == FIREWALL_IPS] == [
+        Element(FIREWALL_IPS, "2001:db8::5 . tcp . 80", f"goto {fw}")
+    ]
+    only_v6_ranges = dataclasses.replace(FW_SERVICE, load_balancer_source_ranges=("2001:db8::/32",))
+    plain = dataclasses.replace(FW_SERVICE, load_balancer_source_ranges=())
+    selection = categorize_endpoints((Endpoint("10.180.0.1", 80),), plain, HERE)
+    assert render_port(only_v6_ranges, selection, NatConfig()) == render_port(
+        plain, selection, NatConfig()
+    )
+
+
+async def test_firewall_check_runs_before_dnat_and_ranges_come_and_go_by_partial_syncs() -> None:
+    proxier, nft, clock = make()
+    await proxier.sync(state((FW_SERVICE, (EP1,))))
+    chains = nft.chains()
+    assert chains["filter-prerouting"] == ["ct state new jump firewall-check"]
+    assert chains["filter-output"][0] == "ct state new jump firewall-check"
+    assert chains["firewall-check"] == ["ip daddr . meta l4proto . th dport vmap @firewall-ips"]
+    assert nft.table is not None
+    assert "priority -110" in (nft.table.base["filter-prerouting"] or "")
+    plain = dataclasses.replace(FW_SERVICE, load_balancer_source_ranges=())
+    for current in (plain, FW_SERVICE, plain):
+        clock.now += 1
+        s = state((current, (EP1,)))
+        await proxier.sync(s, frozenset({FW_NAME}))
+        assert table(nft) == await full_table(s), nft.dump()
+        has_fw = any(n.startswith("firewall-") and "/" in n for n in nft.chains())
+        assert has_fw is bool(current.load_balancer_source_ranges)
+        assert bool(nft.elements(FIREWALL_IPS)) is has_fw
+    assert proxier.sync_counters().partial_syncs == 3

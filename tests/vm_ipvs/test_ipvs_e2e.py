@@ -5,12 +5,15 @@ the foreign virtual server that must survive everything. Backends and an outside
 namespaces, each wired to the node by its own veth and routed through it (as a routed CNI does):
 
     client 10.20.0.2 --- 10.20.0.1  node  10.11.N.1 --- 10.11.N.2 backend bN   (N = 1, 2, 3)
+      fd00:20::2     fd00:20::1       fd00:11:N::1  fd00:11:N::2
 
---nodeport-addresses 10.20.0.0/24, so NodePorts answer on 10.20.0.1 only. The client routes
-the service CIDR 10.96.0.0/16 and the externalIP range 10.30.0.0/24 to the node.
+--nodeport-addresses 10.20.0.0/24,fd00:20::/64, so NodePorts answer on 10.20.0.1 and
+fd00:20::1 only. The client routes the service CIDR 10.96.0.0/16 and the externalIP range
+10.30.0.0/24 to the node, and all of IPv6 (fd00:96::/64, the IPv6 ClusterIPs, included).
 
-Each backend runs socat: TCP :8080 answers "bN <peer address>" and then echoes, UDP :5353
-answers "bN <peer address>" to every datagram; the peer address shows who masqueraded what.
+Each backend runs socat, over IPv4 and IPv6: TCP :8080 answers "bN <peer address>" and then
+echoes, UDP :5353 answers "bN <peer address>" to every datagram; the peer address shows who
+masqueraded what.
 
 One uproxy process serves the whole module (Python under TCG is ~20x slower, so every start
 costs tens of seconds); tests change its manifests and wait for the kernel to follow. They run
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import ipaddress
 import json
 import os
 import re
@@ -49,14 +54,28 @@ T = TypeVar("T")
 CLIENT_IP, CLIENT_GW = "10.20.0.2", "10.20.0.1"
 WEB_VIP, DNS_VIP, STICKY_VIP, EXTERNAL_IP = "10.96.0.10", "10.96.0.53", "10.96.0.20", "10.30.0.5"
 DRAIN_VIP = "10.96.0.30"
-WEB6_VIP, WEB6_BACKEND = "fd00:96::10", "fd00:11:1::2"  # kernel state only: no IPv6 routes here
+CLIENT6, CLIENT6_GW = "fd00:20::2", "fd00:20::1"
+WEB6_VIP = "fd00:96::10"  # IPv6 only: TCP :80 and UDP :53
+DUAL_VIP, DUAL6_VIP = "10.96.0.60", "fd00:96::60"  # dual stack, with ClientIP affinity
+DUAL_NODEPORT = 30090
 FOREIGN_VIP = "10.99.0.1"
 WEB_NODEPORT, DNS_NODEPORT = 30080, 30053
 GRACE = 30.0
 BACKENDS = {"b1": "10.11.1.2", "b2": "10.11.2.2", "b3": "10.11.3.2"}
 NODE_SIDE = {"b1": "10.11.1.1", "b2": "10.11.2.1", "b3": "10.11.3.1"}
 NODE_IPS = {CLIENT_GW, *NODE_SIDE.values()}
-UPROXY_ADDRESSES = {WEB_VIP, DNS_VIP, STICKY_VIP, DRAIN_VIP, EXTERNAL_IP, WEB6_VIP}
+BACKENDS6 = {"b1": "fd00:11:1::2", "b2": "fd00:11:2::2", "b3": "fd00:11:3::2"}
+NODE_SIDE6 = {"b1": "fd00:11:1::1", "b2": "fd00:11:2::1", "b3": "fd00:11:3::1"}
+UPROXY_ADDRESSES = {
+    WEB_VIP,
+    DNS_VIP,
+    STICKY_VIP,
+    DRAIN_VIP,
+    EXTERNAL_IP,
+    WEB6_VIP,
+    DUAL_VIP,
+    DUAL6_VIP,
+}
 CLONE_NEWNET = 0x40000000
 
 
@@ -123,11 +142,11 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60.0) ->
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def open_socket(ns: Namespace | None, kind: int) -> socket.socket:
+def open_socket(ns: Namespace | None, kind: int, family: int = socket.AF_INET) -> socket.socket:
     """A socket in namespace `ns` (None: the node's). A thread enters the namespace just to
     create it (setns affects only the calling thread); the socket stays in that namespace."""
     if ns is None:
-        return socket.socket(socket.AF_INET, kind)
+        return socket.socket(family, kind)
     made: list[socket.socket | BaseException] = []
 
     def create() -> None:
@@ -138,7 +157,7 @@ def open_socket(ns: Namespace | None, kind: int) -> socket.socket:
                     raise OSError(ctypes.get_errno(), "setns")
             finally:
                 os.close(fd)
-            made.append(socket.socket(socket.AF_INET, kind))
+            made.append(socket.socket(family, kind))
         except BaseException as exc:
             made.append(exc)
 
@@ -151,13 +170,22 @@ def open_socket(ns: Namespace | None, kind: int) -> socket.socket:
     return result
 
 
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def peer_address(text: str) -> str:
+    """socat's $SOCAT_PEERADDR, compressed: it spells IPv6 in full, in brackets."""
+    return str(ipaddress.ip_address(text.strip("[]")))
+
+
 def hello(ns: Namespace | None, ip: str, port: int, timeout: float = 10.0) -> tuple[str, str]:
     """Connect over TCP, return (backend name, the address the backend saw) and close."""
-    with open_socket(ns, socket.SOCK_STREAM) as sock:
+    with open_socket(ns, socket.SOCK_STREAM, family_of(ip)) as sock:
         sock.settimeout(timeout)
         sock.connect((ip, port))
         name, peer = read_line(sock).split()
-        return name, peer
+        return name, peer_address(peer)
 
 
 def read_line(sock: socket.socket) -> str:
@@ -172,12 +200,12 @@ def read_line(sock: socket.socket) -> str:
 
 def datagram(ns: Namespace | None, ip: str, port: int, timeout: float = 5.0) -> tuple[str, str]:
     """One UDP request from a fresh source port; (backend name, the address it saw)."""
-    with open_socket(ns, socket.SOCK_DGRAM) as sock:
+    with open_socket(ns, socket.SOCK_DGRAM, family_of(ip)) as sock:
         sock.settimeout(timeout)
         sock.connect((ip, port))  # a reply from any other address would not be delivered
         sock.send(b"ping\n")
         name, peer = sock.recv(200).decode().split()
-        return name, peer
+        return name, peer_address(peer)
 
 
 # -- the world -------------------------------------------------------------------------------
@@ -237,18 +265,45 @@ def drain_service(backends: list[str]) -> list[dict[str, Any]]:
 
 
 def web6_service() -> list[dict[str, Any]]:
+    """IPv6 only, TCP and UDP."""
     return [
         m.service(
             "web6",
-            [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            [
+                {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+            ],
             cluster_ip=WEB6_VIP,
             ipFamilies=["IPv6"],
         ),
         m.endpoint_slice(
             "web6",
-            [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            [WEB6_BACKEND],
+            [
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 5353, "protocol": "UDP"},
+            ],
+            [BACKENDS6["b1"], BACKENDS6["b2"]],
             address_type="IPv6",
+        ),
+    ]
+
+
+def dual_service() -> list[dict[str, Any]]:
+    """Dual stack, a NodePort, ClientIP affinity; one EndpointSlice per family."""
+    http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    return [
+        m.service(
+            "dual",
+            [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": DUAL_NODEPORT}],
+            cluster_ip=DUAL_VIP,
+            clusterIPs=[DUAL_VIP, DUAL6_VIP],
+            ipFamilies=["IPv4", "IPv6"],
+            type="NodePort",
+            affinity_timeout=60,
+        ),
+        m.endpoint_slice("dual", http, list(BACKENDS.values()), name="dual-v4"),
+        m.endpoint_slice(
+            "dual", http, list(BACKENDS6.values()), name="dual-v6", address_type="IPv6"
         ),
     ]
 
@@ -288,6 +343,7 @@ class World:
         m.write(self.config / "web.yaml", *web_service(web if web is not None else ["b1", "b2"]))
         m.write(self.config / "drain.yaml", *drain_service(drain or ["b1", "b2"]))
         m.write(self.config / "web6.yaml", *web6_service())
+        m.write(self.config / "dual.yaml", *dual_service())
         if dns is None:
             (self.config / "dns.yaml").unlink(missing_ok=True)
         else:
@@ -301,16 +357,20 @@ class World:
         self.write(web=["b1", "b2"], dns=["b1", "b2"], sticky=True)
 
 
-def wire(net: Network, name: str, node_ip: str, ns_ip: str) -> Namespace:
-    """A namespace routed through the node by one veth pair."""
+def wire(net: Network, name: str, node_ip: str, ns_ip: str, node6: str, ns6: str) -> Namespace:
+    """A namespace routed through the node by one veth pair, over IPv4 and IPv6 (without
+    duplicate address detection's delay)."""
     ns = net.namespace(name)
     node_dev = f"v{name}"
     run("ip", "link", "add", node_dev, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
     run("ip", "addr", "add", f"{node_ip}/24", "dev", node_dev)
+    run("ip", "-6", "addr", "add", f"{node6}/64", "dev", node_dev, "nodad")
     run("ip", "link", "set", node_dev, "up")
     ns.run("ip", "addr", "add", f"{ns_ip}/24", "dev", "eth0")
+    ns.run("ip", "-6", "addr", "add", f"{ns6}/64", "dev", "eth0", "nodad")
     ns.run("ip", "link", "set", "eth0", "up")
     ns.route("default", via=node_ip)
+    ns.run("ip", "-6", "route", "add", "default", "via", node6)
     return ns
 
 
@@ -327,7 +387,7 @@ def start_uproxy(config: Path) -> UproxyProcess:
             "--hostname-override",
             "node-a",
             "--nodeport-addresses",
-            "10.20.0.0/24",
+            "10.20.0.0/24,fd00:20::/64",
             "--ipvs-graceful-period",
             f"{GRACE:.0f}s",
             "--min-sync-period",
@@ -345,20 +405,26 @@ def start_uproxy(config: Path) -> UproxyProcess:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     config = tmp_path_factory.mktemp("manifests")
+    # The VM is the node: IPv6 forwarding is the node's to turn on (uproxy only checks it).
+    Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
     with network() as net:
-        client = wire(net, "client", CLIENT_GW, CLIENT_IP)
+        client = wire(net, "client", CLIENT_GW, CLIENT_IP, CLIENT6_GW, CLIENT6)
         client.route("10.96.0.0/16", via=CLIENT_GW)
         client.route("10.30.0.0/24", via=CLIENT_GW)
         backends = {}
         for name, ip in BACKENDS.items():
-            ns = backends[name] = wire(net, name, NODE_SIDE[name], ip)
-            # $SOCAT_PEERADDR: who the backend thinks it talks to (masqueraded or not).
-            ns.start(
-                "socat",
-                "TCP-LISTEN:8080,fork,reuseaddr",
-                f"SYSTEM:echo {name} $SOCAT_PEERADDR; exec cat",
+            ns = backends[name] = wire(
+                net, name, NODE_SIDE[name], ip, NODE_SIDE6[name], BACKENDS6[name]
             )
-            ns.start("socat", "UDP-RECVFROM:5353,fork", f"SYSTEM:echo {name} $SOCAT_PEERADDR")
+            # $SOCAT_PEERADDR: who the backend thinks it talks to (masqueraded or not).
+            for tcp, udp in (("TCP-LISTEN", "UDP-RECVFROM"), ("TCP6-LISTEN", "UDP6-RECVFROM")):
+                v6 = ",ipv6only=1" if tcp.startswith("TCP6") else ""
+                ns.start(
+                    "socat",
+                    f"{tcp}:8080,fork,reuseaddr{v6}",
+                    f"SYSTEM:echo {name} $SOCAT_PEERADDR; exec cat",
+                )
+                ns.start("socat", f"{udp}:5353,fork{v6}", f"SYSTEM:echo {name} $SOCAT_PEERADDR")
         # Someone else's virtual server on this node: uproxy must never touch it.
         run("ipvsadm", "-A", "-t", f"{FOREIGN_VIP}:80", "-s", "wlc")
         run("ipvsadm", "-a", "-t", f"{FOREIGN_VIP}:80", "-r", f"{BACKENDS['b3']}:8080", "-m")
@@ -366,8 +432,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         run("ipvsadm", "--set", "900", "2", "60")
         world = World(net, client, backends, config)
         world.default()
-        for name, ip in BACKENDS.items():  # the backends answer before anything is measured
-            wait_for(f"{name} listening", lambda ns=backends[name], ip=ip: _answers(ns, ip))
+        for name in BACKENDS:  # the backends answer before anything is measured
+            for ip in (BACKENDS[name], BACKENDS6[name]):
+                wait_for(
+                    f"{name} listening on {ip}", functools.partial(_answers, backends[name], ip)
+                )
         world.uproxy = start_uproxy(config)
         try:
             yield world
@@ -429,6 +498,9 @@ def test_kernel_state_matches_the_services(world: World) -> None:
     table = wait_for("every virtual server", lambda: _complete(ipvsadm()))
     rr = ("Masq", 1)
     both = {(BACKENDS["b1"], 8080), (BACKENDS["b2"], 8080)}
+    both6 = ("b1", "b2")
+    all4 = {(ip, 8080) for ip in BACKENDS.values()}
+    all6 = {(f"[{ip}]", 8080) for ip in BACKENDS6.values()}
     expected = {
         ("TCP", WEB_VIP, 80): ("rr", None, both),
         ("TCP", EXTERNAL_IP, 80): ("rr", None, both),
@@ -437,7 +509,14 @@ def test_kernel_state_matches_the_services(world: World) -> None:
         ("UDP", CLIENT_GW, DNS_NODEPORT): ("rr", None, {(BACKENDS[b], 5353) for b in ("b1", "b2")}),
         ("TCP", STICKY_VIP, 80): ("rr", 60, {(ip, 8080) for ip in BACKENDS.values()}),
         ("TCP", DRAIN_VIP, 80): ("rr", None, both),
-        ("TCP", f"[{WEB6_VIP}]", 80): ("rr", None, {(f"[{WEB6_BACKEND}]", 8080)}),
+        ("TCP", f"[{WEB6_VIP}]", 80): ("rr", None, {(f"[{BACKENDS6[b]}]", 8080) for b in both6}),
+        ("UDP", f"[{WEB6_VIP}]", 53): ("rr", None, {(f"[{BACKENDS6[b]}]", 5353) for b in both6}),
+        # Dual stack: each ClusterIP, and the NodePort on each family's node address, gets its
+        # own family's real servers.
+        ("TCP", DUAL_VIP, 80): ("rr", 60, all4),
+        ("TCP", CLIENT_GW, DUAL_NODEPORT): ("rr", 60, all4),
+        ("TCP", f"[{DUAL6_VIP}]", 80): ("rr", 60, all6),
+        ("TCP", f"[{CLIENT6_GW}]", DUAL_NODEPORT): ("rr", 60, all6),
     }
     ours = {key: s for key, s in table.items() if key[1] != FOREIGN_VIP}
     assert set(ours) == set(expected), run("ipvsadm", "-Ln")
@@ -446,24 +525,39 @@ def test_kernel_state_matches_the_services(world: World) -> None:
         assert (service.scheduler, service.persistent) == (sched, persistent), key
         assert set(service.dests) == dests, key
         assert {d[:2] for d in service.dests.values()} == {rr}, key
-    # NodePorts only on the --nodeport-addresses CIDR.
+    # NodePorts only on the --nodeport-addresses CIDRs, and an IPv4-only service's on IPv4 only.
     assert not any(port == WEB_NODEPORT and ip != CLIENT_GW for _, ip, port in table)
     assert table[("TCP", FOREIGN_VIP, 80)].scheduler == "wlc"
     assert dummy_addresses() == UPROXY_ADDRESSES
-    for key, value in (
+    dummy6 = run("ip", "-o", "-6", "addr", "show", "dev", "uproxy-ipvs0", "scope", "global")
+    assert dummy6.count("nodad") == 2, dummy6  # no duplicate address detection: usable at once
+    for sysctl, value in (
         ("net/ipv4/vs/conntrack", "1"),
         ("net/ipv4/vs/expire_nodest_conn", "1"),
         ("net/ipv4/vs/expire_quiescent_template", "1"),
         ("net/ipv4/ip_forward", "1"),
     ):
-        assert Path("/proc/sys", key).read_text().strip() == value, key
+        assert Path("/proc/sys", sysctl).read_text().strip() == value, sysctl
     nat = run("iptables-nft-save", "-t", "nat")
     assert "-A POSTROUTING" in nat and "-j UPROXY-IPVS-POSTROUTING" in nat
+    nat6 = run("ip6tables-nft-save", "-t", "nat")
+    print(nat6)
+    assert "-A POSTROUTING" in nat6 and "-j UPROXY-IPVS-POSTROUTING" in nat6
+    # uproxy compares its rules with ip6tables-save's text: they must read back exactly as made.
+    masq = "--vdir ORIGINAL --vmethod MASQ"
+    for rule in (
+        f"-s {BACKENDS6['b1']}/128 -d {BACKENDS6['b1']}/128 -m ipvs {masq} "
+        '-m comment --comment "uproxy IPVS: hairpin" -j MASQUERADE',
+        f"-m ipvs --vaddr {CLIENT6_GW} {masq} "
+        '-m comment --comment "uproxy IPVS: external traffic" -j MASQUERADE',
+    ):
+        assert f"-A UPROXY-IPVS-POSTROUTING {rule}\n" in nat6, rule
+    assert "fd00" not in nat and "10." not in nat6.replace("-A ", "")
     print(run("ipvsadm", "-Ln"))
 
 
 def _complete(table: dict[tuple[str, str, int], IpvsService]) -> Any:
-    return table if len([k for k in table if k[1] != FOREIGN_VIP]) == 8 else None
+    return table if len([k for k in table if k[1] != FOREIGN_VIP]) == 13 else None
 
 
 def test_tcp_cluster_ip_from_outside_and_from_the_node(world: World) -> None:
@@ -595,11 +689,81 @@ def test_removed_service_takes_its_address_along(world: World) -> None:
     world.write(web=["b1", "b2"], dns=None)
     wait_for(
         "the DNS virtual servers gone",
-        lambda: not any(k[0] == "UDP" for k in ipvsadm()),
+        lambda: not any(k[0] == "UDP" and ":" not in k[1] for k in ipvsadm()),
     )
     wait_for("its address gone", lambda: DNS_VIP not in dummy_addresses())
     world.default()
     wait_for("DNS back", lambda: _complete(ipvsadm()))
+
+
+def test_load_balancer_source_ranges_admit_only_their_sources(world: World) -> None:
+    # The client (10.20.0.2) is inside the only range; backend b3 (10.11.3.2) calls from outside.
+    lb_vip, lb_cluster_ip = "10.30.0.8", "10.96.0.40"
+    service = m.service(
+        "ranged",
+        [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        cluster_ip=lb_cluster_ip,
+        type="LoadBalancer",
+        loadBalancerSourceRanges=["10.20.0.0/24"],
+    )
+    service["status"] = {"loadBalancer": {"ingress": [{"ip": lb_vip}]}}
+    ports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    slice_ = m.endpoint_slice("ranged", ports, [BACKENDS["b1"], BACKENDS["b2"]])
+    path = world.config / "ranged.yaml"
+    m.write(path, service, slice_)
+    try:
+        wait_for("the LB virtual server", lambda: dests_of(lb_vip, ipvsadm()))
+        # The chain and the jump into it are two writes: wait for the second.
+        hooked = "-A INPUT -m conntrack --ctstate NEW"
+        wait_for("the firewall", lambda: hooked in run("iptables-nft-save", "-t", "filter"))
+        assert hello(world.client, lb_vip, 80)[0] in ("b1", "b2")
+        with pytest.raises(OSError):  # dropped in filter INPUT before IPVS: no answer at all
+            answer = hello(world.backends["b3"], lb_vip, 80, timeout=3)
+            print(answer, run("iptables-nft-save", "-t", "filter"))
+        # Only the LoadBalancer IP is firewalled: the ClusterIP serves b3.
+        assert hello(world.backends["b3"], lb_cluster_ip, 80)[0] in ("b1", "b2")
+    finally:
+        path.unlink()
+    wait_for("the LB virtual server gone", lambda: not dests_of(lb_vip, ipvsadm()))
+    wait_for("the firewall gone", lambda: "UPROXY-IPVS-FIREWALL" not in run("iptables-nft-save"))
+
+
+def test_ipv6_cluster_ip_tcp_and_udp(world: World) -> None:
+    names: Counter[str] = Counter()
+    for _ in range(4):
+        name, peer = hello(world.client, WEB6_VIP, 80)
+        names[name] += 1
+        assert peer == CLIENT6  # a ClusterIP keeps the client's address, over IPv6 too
+    assert set(names) == {"b1", "b2"}, names
+    # Node-local: masqueraded (ip6tables) to the node's address on the backend's link.
+    name, peer = hello(None, WEB6_VIP, 80)
+    assert name in ("b1", "b2") and peer == NODE_SIDE6[name], peer
+    answers = [datagram(world.client, WEB6_VIP, 53) for _ in range(4)]
+    assert {name for name, _ in answers} == {"b1", "b2"}, answers
+    assert {peer for _, peer in answers} == {CLIENT6}, answers
+    name, peer = datagram(None, WEB6_VIP, 53)
+    assert name in ("b1", "b2") and peer == NODE_SIDE6[name], peer
+
+
+def test_dual_stack_service_on_both_cluster_ips_with_affinity(world: World) -> None:
+    """Each ClusterIP reaches its own family's backends, and ClientIP affinity (IPVS
+    persistence) holds per family: one backend for every connection."""
+    for vip, client in ((DUAL_VIP, CLIENT_IP), (DUAL6_VIP, CLIENT6)):
+        answers = [hello(world.client, vip, 80) for _ in range(5)]
+        assert len({name for name, _ in answers}) == 1, (vip, answers)
+        assert {peer for _, peer in answers} == {client}, (vip, answers)
+    table = ipvsadm()
+    assert table[("TCP", DUAL_VIP, 80)].persistent == 60
+    assert table[("TCP", f"[{DUAL6_VIP}]", 80)].persistent == 60
+
+
+def test_ipv6_nodeport(world: World) -> None:
+    name, peer = hello(world.client, CLIENT6_GW, DUAL_NODEPORT)
+    # External traffic is masqueraded (ip6tables), so replies come back through this node.
+    assert name in BACKENDS and peer == NODE_SIDE6[name], peer
+    # fd00:11:1::1 is a node address outside --nodeport-addresses: no NodePort there.
+    with pytest.raises(OSError):
+        hello(world.client, NODE_SIDE6["b1"], DUAL_NODEPORT, timeout=3)
 
 
 def test_kernel_forwards_without_uproxy_and_cleanup_leaves_only_foreign_state(
@@ -621,4 +785,5 @@ def test_kernel_forwards_without_uproxy_and_cleanup_leaves_only_foreign_state(
     assert table[("TCP", FOREIGN_VIP, 80)].dests == {(BACKENDS["b3"], 8080): ("Masq", 1, 0, 0)}
     assert "uproxy-ipvs0" not in run("ip", "-o", "link", "show")
     assert "UPROXY-IPVS" not in run("iptables-nft-save")
+    assert "UPROXY" not in run("ip6tables-nft-save")
     assert not Path("/run/uproxy/ipvs-virtual-servers").exists()

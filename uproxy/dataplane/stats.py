@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -15,3 +17,12 @@ class PortStats:
     dial_retries: int = 0  # connections that needed more than one attempt
     no_endpoint: int = 0  # connections or datagrams refused for want of an endpoint
     dropped: int = 0  # UDP datagrams dropped (session limit, full buffers)
+    udp_refused: int = 0  # of those, datagrams refused a new session at --udp-max-sessions
+
+
+def sum_stats(stats: Iterable[PortStats]) -> PortStats:
+    total = PortStats()
+    for one in stats:
+        for field in dataclasses.fields(PortStats):
+            setattr(total, field.name, getattr(total, field.name) + getattr(one, field.name))
+    return total

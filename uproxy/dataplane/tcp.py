@@ -34,8 +34,16 @@ import structlog
 
 from uproxy.backoff import Backoff
 from uproxy.balancer import LoadBalancer
-from uproxy.dataplane.sockopt import set_reset_on_close
+from uproxy.dataplane.sockopt import (
+    BorrowedSocket,
+    eof_pending,
+    own_family_only,
+    send_last,
+    set_reset_on_close,
+    shutdown_write,
+)
 from uproxy.dataplane.stats import PortStats
+from uproxy.dataplane.tcp_options import TcpOptions
 from uproxy.model import Endpoint, ServicePortName
 
 log = structlog.get_logger(__name__)
@@ -46,21 +54,42 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = (0.05, 1.0)  # first and longest pause after running out of descriptors
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+# Reads shorter than this may be a stream's last: peek whether its FIN follows. Bulk transfers
+# mostly read more at once, and pay one peek per read when they do not.
+PEEK_BELOW = 64 * 1024
+_DEFAULT_OPTIONS = TcpOptions()
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class _Leg(asyncio.Protocol):
     """One side of a spliced connection; forwards what it reads to its peer leg."""
 
-    __slots__ = ("_count_in", "early", "eof", "lost", "lost_exc", "peer", "splice", "transport")
+    __slots__ = (
+        "_count_in",
+        "early",
+        "eof",
+        "lost",
+        "lost_exc",
+        "peer",
+        "shut",
+        "sock",
+        "splice",
+        "transport",
+    )
 
     def __init__(self, splice: Splice, count_in: bool) -> None:
         self.splice = splice
         self.transport: asyncio.Transport | None = None
         self.peer: _Leg
         self.eof = False  # this side will send nothing more
+        self.shut = False  # our write side towards this side is shut down (FIN sent)
         self.lost = False  # this side's transport is gone
         self.lost_exc: Exception | None = None
+        # For peeking and shutting down. The client leg's is the accepted socket its transport
+        # was made from (and owns); the upstream's is borrowed (the loop connected it): a socket
+        # object made around the transport's descriptor, detached as soon as the transport is
+        # lost, so it never closes that descriptor itself.
+        self.sock: socket.socket | None = None
         # Data that arrived before the peer leg was connected. uvloop starts reading right after
         # connection_made() returns, so pausing there is not enough: hold it, then pause.
         self.early: list[bytes] = []
@@ -70,26 +99,56 @@ class _Leg(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        if not self._count_in:
+            # One getsockname() (the socket module validates the descriptor), then no more
+            # system calls than the options themselves.
+            loop_sock = transport.get_extra_info("socket")
+            self.sock = BorrowedSocket(loop_sock.family, socket.SOCK_STREAM, 0, loop_sock.fileno())
+            self.splice.options.apply_keepalive(self.sock)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        stats = self.splice.stats
+        splice = self.splice
+        splice.active = True
         if self._count_in:
-            stats.bytes_in += len(data)
+            splice.stats.bytes_in += len(data)
         else:
-            stats.bytes_out += len(data)
+            splice.stats.bytes_out += len(data)
         peer = self.peer.transport
         if peer is None:
             self.early.append(data)
             if self.transport is not None:
                 self.transport.pause_reading()
         elif not peer.is_closing():
-            peer.write(data)
+            # A short read may be the last one: if the FIN is already queued behind it, send it
+            # with the data, rather than one loop iteration later (by then the client may have
+            # closed first, and every connection would leave it a TIME_WAIT socket).
+            sock = self.sock
+            if len(data) < PEEK_BELOW and sock is not None and eof_pending(sock):
+                self._last(data)
+            else:
+                peer.write(data)
+
+    def _last(self, data: bytes) -> None:
+        """`data` is all this side will ever send: pass it on together with the FIN."""
+        self.eof = True
+        peer, transport = self.peer, self.peer.transport
+        assert transport is not None
+        if transport.get_write_buffer_size() == 0 and peer.sock is not None and not peer.shut:
+            sent = send_last(peer.sock, data)
+            if sent == len(data):
+                peer.shut = True
+            else:
+                transport.write(data[sent:])
+        else:
+            transport.write(data)
+        self.splice.direction_ended(self)
 
     def eof_received(self) -> bool:
-        self.eof = True
-        if self.peer.transport is not None:
-            self.splice.direction_ended(self)
+        if not self.eof:  # else seen ahead, with the last data
+            self.eof = True
+            if self.peer.transport is not None:
+                self.splice.direction_ended(self)
         return True  # keep our write side open: the other direction may still be flowing
 
     def pause_writing(self) -> None:
@@ -105,18 +164,45 @@ class _Leg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.lost_exc = exc
+        if self.sock is not None and not self._count_in:
+            self.sock.detach()
+        self.sock = None
         self.splice.leg_lost(self, exc)
 
 
 class Splice:
     """Two legs and the rules for ending them."""
 
-    __slots__ = ("_on_done", "client", "endpoint", "stats", "upstream")
+    __slots__ = (
+        "_idle_since",
+        "_idle_timer",
+        "_linger",
+        "_on_done",
+        "active",
+        "client",
+        "endpoint",
+        "loop",
+        "options",
+        "stats",
+        "upstream",
+    )
 
-    def __init__(self, stats: PortStats, on_done: Callable[[Splice], None]) -> None:
+    def __init__(
+        self,
+        stats: PortStats,
+        on_done: Callable[[Splice], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+        options: TcpOptions = _DEFAULT_OPTIONS,
+    ) -> None:
         self.stats = stats
         self.endpoint: Endpoint | None = None
+        self.loop = loop
+        self.options = options
         self._on_done = on_done
+        self._linger: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self.active = False  # bytes moved since the idle timer last looked
         self.client = _Leg(self, count_in=True)
         self.upstream = self.new_upstream()
 
@@ -140,13 +226,22 @@ class Splice:
             self.direction_ended(upstream)
         if upstream.transport is not None and not upstream.transport.is_closing():
             upstream.transport.resume_reading()
+        self._start_idle_timer()
 
     def direction_ended(self, leg: _Leg) -> None:
-        peer = leg.peer.transport
-        if leg.peer.eof or peer is None:
+        """`leg` sent its FIN: pass it on at once, or once the peer's buffer has drained."""
+        peer = leg.peer
+        transport = peer.transport
+        if peer.eof or transport is None:
             self.close()
-        elif not peer.is_closing() and peer.can_write_eof():
-            peer.write_eof()
+        elif transport.is_closing() or peer.shut:
+            return
+        elif transport.get_write_buffer_size() == 0 and peer.sock is not None:
+            # The transport's own write_eof() on uvloop shuts down one loop iteration later.
+            shutdown_write(peer.sock)
+            peer.shut = True
+        elif transport.can_write_eof():
+            transport.write_eof()  # the transport shuts down once its buffer has drained
 
     def leg_lost(self, leg: _Leg, exc: Exception | None) -> None:
         if leg is not self.client and leg is not self.upstream:
@@ -156,16 +251,22 @@ class Splice:
             if exc is not None:
                 set_reset_on_close(peer.transport.get_extra_info("socket"))
                 peer.transport.abort()
-            else:
+            elif not peer.transport.is_closing():
                 peer.transport.close()
+                self._arm_linger()
         if leg.lost and peer.lost:
             self._on_done(self)
             self._release()
 
     def _release(self) -> None:
         """Both legs are gone and nothing calls back any more: break the reference cycles."""
+        for timer in (self._linger, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._linger = self._idle_timer = None
         client, upstream = self.client, self.upstream
         client.transport = upstream.transport = None
+        client.sock = upstream.sock = None
         client.early.clear()
         upstream.early.clear()
         # The legs now point at an inert splice, so that an (unexpected) late callback still
@@ -178,11 +279,50 @@ class Splice:
         for leg in (self.client, self.upstream):
             if leg.transport is not None and not leg.transport.is_closing():
                 leg.transport.close()
+        self._arm_linger()
 
     def abort(self) -> None:
         for leg in (self.client, self.upstream):
             if leg.transport is not None and not leg.lost:
                 leg.transport.abort()
+
+    def _arm_linger(self) -> None:
+        # Only data still held in user space can keep a closed transport (and its descriptor)
+        # alive: a peer that never reads gets the linger time, then a reset.
+        if self._linger is not None or self.loop is None:
+            return
+        for leg in (self.client, self.upstream):
+            if leg.transport is not None and not leg.lost and leg.transport.get_write_buffer_size():
+                self._linger = self.loop.call_later(self.options.linger_timeout, self._linger_over)
+                return
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        log.debug("tcp_linger_expired", endpoint=str(self.endpoint))
+        self.abort()
+
+    def _start_idle_timer(self) -> None:
+        timeout = self.options.idle_timeout
+        if timeout is None or self.loop is None or self._idle_timer is not None:
+            return
+        self._idle_since = self.loop.time()
+        # Looked at four times per timeout: bytes moved reset it, so the per-chunk cost is one
+        # attribute store; a connection is closed between 1 and 1.25 timeouts of silence.
+        self._idle_timer = self.loop.call_later(timeout / 4, self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        loop, timeout = self.loop, self.options.idle_timeout
+        assert loop is not None and timeout is not None
+        self._idle_timer = None
+        now = loop.time()
+        if self.active:
+            self.active = False
+            self._idle_since = now
+        elif now - self._idle_since >= timeout:
+            log.debug("tcp_idle_timeout", endpoint=str(self.endpoint), timeout=timeout)
+            self.close()
+            return
+        self._idle_timer = loop.call_later(timeout / 4, self._idle_tick)
 
 
 def _nothing(_splice: Splice) -> None:
@@ -201,12 +341,17 @@ class TcpListener:
         sock: socket.socket,
         balancer: LoadBalancer,
         loop: asyncio.AbstractEventLoop,
+        options: TcpOptions = _DEFAULT_OPTIONS,
     ) -> None:
         self.name = name
         self.balancer = balancer
         self.stats = PortStats()
         self._sock = sock
         self._loop = loop
+        self._options = options
+        # Accepted sockets inherit keepalive and TCP_USER_TIMEOUT from the listener, so the
+        # client leg costs no system call for them.
+        options.apply_keepalive(sock)
         self._splices: set[Splice] = set()
         self._dials: set[asyncio.Task[None]] = set()
         self.per_endpoint: dict[Endpoint, int] = {}  # open connections by endpoint
@@ -303,12 +448,13 @@ class TcpListener:
         self._check_idle()
 
     async def _connect(self, conn: socket.socket, client_ip: str) -> None:
-        splice = Splice(self.stats, self._splice_done)
+        splice = Splice(self.stats, self._splice_done, self._loop, self._options)
         try:
             if not await self._dial(splice, client_ip):
                 conn.close()
                 return
             self._register(splice)
+            splice.client.sock = conn
             await self._loop.connect_accepted_socket(lambda: splice.client, conn)
         except asyncio.CancelledError:
             conn.close()
@@ -328,9 +474,9 @@ class TcpListener:
         task = asyncio.current_task()
         assert task is not None
         cancelling = task.cancelling()
-        reset = False
+        tried: list[Endpoint] = []
         for attempt, timeout in enumerate(DIAL_TIMEOUTS):
-            endpoint = self.balancer.pick(client_ip, reset_affinity=reset)
+            endpoint = self.balancer.pick(client_ip, tried=tried)
             if endpoint is None:
                 self.stats.no_endpoint += 1
                 return False
@@ -363,8 +509,16 @@ class TcpListener:
                     attempt=attempt + 1,
                     error=str(exc) or type(exc).__name__,
                 )
-                reset = True
+                tried.append(endpoint)
+                if self.balancer.dial_failed(endpoint):
+                    log.warning(
+                        "endpoint_ejected",
+                        service=str(self.name),
+                        endpoint=str(endpoint),
+                        error=str(exc) or type(exc).__name__,
+                    )
                 continue
+            self.balancer.dial_succeeded(endpoint)
             if attempt:
                 self.stats.dial_retries += 1
             splice.endpoint = endpoint
@@ -409,6 +563,7 @@ def _expire(task: asyncio.Task[None], fired: list[bool]) -> None:
 def open_tcp_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        own_family_only(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(socket.SOMAXCONN)

@@ -2,16 +2,32 @@
 
 Design notes (the why):
 - Raw non-blocking sockets with reader callbacks, not DatagramProtocol: replies must leave from
-  the exact local address each datagram arrived at (IP_PKTINFO), which asyncio's datagram
+  the exact local address each datagram arrived at (IP_PKTINFO; IPv6: IPV6_PKTINFO, with the
+  arrival interface when that address is link-local), which asyncio's datagram
   transports cannot express, and after a REDIRECT that is what lets conntrack map the reply's
   source back to the virtual IP the client used.
 - Buffers are the maximum datagram size, so nothing is truncated (kube-proxy cut at 4 KiB).
 - Idle sessions expire after `timeout`; the timer is not reset per datagram, it re-arms itself for
   the remaining time when it fires, which keeps the per-datagram path to a clock read.
-- Per datagram, the local address is re-parsed only when the raw ancillary bytes differ from the
-  previous datagram's of that session, and the reply's source-address cmsg is built once per
-  local address, not per reply.
+- A session is keyed by the client's address and the local address the datagram arrived at
+  (the raw IP_PKTINFO bytes, compared without parsing): one client port talking to two
+  addresses of the node gets two sessions, each answered from its own address. Behind the
+  REDIRECT portals conntrack already tells such flows apart (its clash resolution gives the
+  second flow another client port); without portals, or with portals that DNAT to one bind
+  address, only this key does. The reply's source-address cmsg is built once per session.
 - UDP has no backpressure: a datagram that cannot be sent right now is dropped and counted.
+- Floods: the listener asks for an 8 MiB receive buffer (SO_RCVBUFFORCE as root), so a burst
+  or a slow moment of the loop queues instead of being dropped by the kernel in front of every
+  client alike, and each wake-up drains up to READ_BATCH datagrams. At --udp-max-sessions a datagram
+  that would open a session is refused (dropped, counted in `udp_refused`), never given a slot
+  by evicting the idlest session: a refusal costs one dict miss, where eviction would cost a
+  socket close, open and connect per flood datagram, the very work that overloads the loop, and
+  would let a flood push out established clients that are merely quiet between requests.
+  Sessions with traffic keep their slot; flood sessions free theirs after `timeout`. With a
+  backlog in the receive buffer, idleness counts only up to the last moment the queue was
+  empty: a session's next datagram may be waiting in it, and without this the bigger buffer
+  (its queueing delay can exceed `timeout`) would expire busy sessions, whose next datagram
+  would then be refused at the cap.
 """
 
 from __future__ import annotations
@@ -27,8 +43,11 @@ from uproxy.balancer import LoadBalancer
 from uproxy.dataplane.sockopt import (
     MAX_DATAGRAM,
     PKTINFO_CMSG_SPACE,
+    arrival_ifindex,
     enable_pktinfo,
     local_address,
+    own_family_only,
+    raise_receive_buffer,
     source_cmsg,
 )
 from uproxy.dataplane.stats import PortStats
@@ -37,15 +56,20 @@ from uproxy.model import Endpoint, ServicePortName
 log = structlog.get_logger(__name__)
 
 READ_BATCH = 64  # datagrams handled per wake-up before yielding to other sockets
+RECEIVE_BUFFER = 8 << 20  # bytes asked (the kernel doubles it): about 20,000 small datagrams
+CAP_LOG_INTERVAL = 1.0  # seconds between udp_session_cap_reached lines of one listener
 _SEND_DROP = (BlockingIOError, InterruptedError, ConnectionRefusedError)
+
+
+SessionKey = tuple[tuple[str, int], bytes]  # client address, raw IP_PKTINFO of the local one
 
 
 class _Session:
     __slots__ = (
-        "anc",
         "client",
         "cmsg",
         "endpoint",
+        "key",
         "last_active",
         "listener",
         "local",
@@ -56,32 +80,24 @@ class _Session:
     def __init__(
         self,
         listener: UdpListener,
-        client: tuple[str, int],
+        key: SessionKey,
         anc: list[tuple[int, int, bytes]],
         endpoint: Endpoint,
         sock: socket.socket,
     ) -> None:
         self.listener = listener
-        self.client = client
-        self.anc = b""
-        self.local: bytes | None = None
-        self.cmsg: list[tuple[int, int, bytes]] = []
-        self.set_local(anc)
+        self.key = key
+        self.client = key[0]
+        self.local = local_address(anc)
+        self.cmsg = (
+            []
+            if self.local is None
+            else source_cmsg(listener.family, self.local, arrival_ifindex(anc))
+        )
         self.endpoint = endpoint
         self.sock = sock
         self.last_active = listener.clock()
         self.timer: asyncio.TimerHandle | None = None
-
-    def set_local(self, anc: list[tuple[int, int, bytes]]) -> None:
-        """Note the local address from a datagram's ancillary data (parsed only if changed)."""
-        raw = anc[0][2] if len(anc) == 1 else b""
-        if raw and raw == self.anc:
-            return
-        self.anc = raw
-        local = local_address(anc)
-        if local != self.local or not self.cmsg:
-            self.local = local
-            self.cmsg = [] if local is None else source_cmsg(self.listener.family, local)
 
     def reply_ready(self) -> None:
         listener = self.listener
@@ -130,11 +146,17 @@ class UdpListener:
         self._loop = loop
         self._timeout = timeout
         self._max_sessions = max_sessions
-        self._sessions: dict[tuple[str, int], _Session] = {}
-        self._limit_logged = False
+        self._sessions: dict[SessionKey, _Session] = {}
+        self._cap_logged_at = -CAP_LOG_INTERVAL
+        # While datagrams wait unread in the socket's queue, a session's last datagram may be
+        # among them: idleness is then measured up to the last moment the queue was empty.
+        self._backlog = False
+        self._caught_up_at = clock()
+        self._cap_refused = 0  # refusals since the last udp_session_cap_reached line
         self.port: int = sock.getsockname()[1]
         sock.setblocking(False)
         enable_pktinfo(sock)
+        raise_receive_buffer(sock, RECEIVE_BUFFER)
         loop.add_reader(sock.fileno(), self._datagrams_ready)
 
     @property
@@ -174,24 +196,29 @@ class UdpListener:
         sock = self._sock
         sessions = self._sessions
         clock = self.clock
+        self._backlog = True  # until the queue is seen empty
         for _ in range(READ_BATCH):
             try:
                 data, ancdata, _flags, client = sock.recvmsg(MAX_DATAGRAM, PKTINFO_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
+                self._backlog = False
+                self._caught_up_at = clock()
                 return
             except OSError as exc:
                 log.warning("udp_receive_failed", service=str(self.name), error=str(exc))
                 return
             if len(client) != 2:
                 client = (client[0], client[1])
-            session = sessions.get(client)
+            key = (client, ancdata[0][2] if ancdata else b"")
+            session = sessions.get(key)
             if session is None:
-                session = self._open_session(client, ancdata)
+                if len(sessions) >= self._max_sessions:
+                    self._refuse()
+                    continue
+                session = self._open_session(key, ancdata)
                 if session is None:
                     continue
             else:
-                if not ancdata or ancdata[0][2] != session.anc:
-                    session.set_local(ancdata)
                 session.last_active = clock()
             self.stats.bytes_in += len(data)
             try:
@@ -203,21 +230,27 @@ class UdpListener:
                 self.stats.dropped += 1
                 self.end_session(session)
 
-    def _open_session(
-        self, client: tuple[str, int], anc: list[tuple[int, int, bytes]]
-    ) -> _Session | None:
-        if len(self._sessions) >= self._max_sessions:
-            self.stats.dropped += 1
-            if not self._limit_logged:
-                self._limit_logged = True
-                log.warning(
-                    "udp_session_limit",
-                    service=str(self.name),
-                    limit=self._max_sessions,
-                    hint="raise --udp-max-sessions or lower --udp-timeout",
-                )
-            return None
-        endpoint = self.balancer.pick(client[0])
+    def _refuse(self) -> None:
+        """A new session at the cap: drop the datagram, count it, say so at most once a second."""
+        stats = self.stats
+        stats.dropped += 1
+        stats.udp_refused += 1
+        self._cap_refused += 1
+        now = self.clock()
+        if now - self._cap_logged_at >= CAP_LOG_INTERVAL:
+            self._cap_logged_at = now
+            log.warning(
+                "udp_session_cap_reached",
+                service=str(self.name),
+                limit=self._max_sessions,
+                refused=self._cap_refused,
+                refused_total=stats.udp_refused,
+                hint="raise --udp-max-sessions or lower --udp-timeout",
+            )
+            self._cap_refused = 0
+
+    def _open_session(self, key: SessionKey, anc: list[tuple[int, int, bytes]]) -> _Session | None:
+        endpoint = self.balancer.pick(key[0][0])
         if endpoint is None:
             self.stats.no_endpoint += 1
             return None
@@ -235,8 +268,8 @@ class UdpListener:
             log.debug("udp_connect_failed", service=str(self.name), error=str(exc))
             self.stats.dropped += 1
             return None
-        session = _Session(self, client, anc, endpoint, sock)
-        self._sessions[client] = session
+        session = _Session(self, key, anc, endpoint, sock)
+        self._sessions[key] = session
         self.stats.total += 1
         self.stats.active += 1
         self._loop.add_reader(sock.fileno(), session.reply_ready)
@@ -261,19 +294,18 @@ class UdpListener:
             self.stats.dropped += 1
 
     def _expire(self, session: _Session) -> None:
-        idle = self.clock() - session.last_active
+        now = self._caught_up_at if self._backlog else self.clock()
+        idle = now - session.last_active
         if idle >= self._timeout:
             self.end_session(session)
         else:
             session.timer = self._loop.call_later(self._timeout - idle, self._expire, session)
 
     def end_session(self, session: _Session) -> None:
-        if self._sessions.get(session.client) is not session:
+        if self._sessions.get(session.key) is not session:
             return
-        del self._sessions[session.client]
+        del self._sessions[session.key]
         self.stats.active -= 1
-        if len(self._sessions) < self._max_sessions:
-            self._limit_logged = False
         if session.timer is not None:
             session.timer.cancel()
         self._loop.remove_reader(session.sock.fileno())
@@ -283,6 +315,7 @@ class UdpListener:
 def open_udp_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        own_family_only(sock)
         sock.bind((host, port))
     except BaseException:
         sock.close()

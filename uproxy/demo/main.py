@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -61,6 +62,16 @@ def _problems() -> str | None:
     return None
 
 
+def self_command() -> str:
+    """This very uproxy, as a shell command that works wherever it is installed: a bare `uproxy`
+    in a hint fails when the venv is not on PATH."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "__main__.py":  # python -m uproxy
+        return f"{shlex.quote(sys.executable)} -m uproxy"
+    found = argv0 if os.sep in argv0 else shutil.which(argv0)
+    return shlex.quote(os.path.abspath(found or argv0))
+
+
 def run_demo(
     *,
     requests: int = 6,
@@ -100,7 +111,7 @@ def run_demo(
                     f"  ip netns exec {client} curl -s http://{WEB_VIP}/\n"
                     f"  ip netns exec {client} curl -s http://{STICKY_VIP}:{STICKY_PORT}/\n"
                     f"  ip netns exec {client} dig +short @{DNS_VIP} {DNS_QUESTION}\n"
-                    f"  ip netns exec {demo.namespaces['node']} uproxy status"
+                    f"  ip netns exec {demo.namespaces['node']} {self_command()} status"
                 )
                 signal.pause()
         except Interrupted as exc:

@@ -18,6 +18,7 @@ import http.server
 import random
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import time
@@ -60,6 +61,19 @@ def _exit_on_sigterm() -> None:
 # -- HTTP backend -------------------------------------------------------------------------------
 
 
+class _HttpServer(http.server.ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of clients overflows it and their SYNs
+    # are dropped (a second's retransmit each), which no real backend does.
+    request_queue_size = 128
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks DNS for the host's name (socket.getfqdn), which in a demo
+        # namespace with no resolver waits out a timeout: seconds per backend.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
 def serve_http(name: str, port: int, bind: str = "0.0.0.0") -> int:
     body = f"{name}\n".encode()
 
@@ -77,7 +91,7 @@ def serve_http(name: str, port: int, bind: str = "0.0.0.0") -> int:
             say(f"{name}: {self.command} {self.path} from {self.client_address[0]}")
 
     _exit_on_sigterm()
-    server = http.server.ThreadingHTTPServer((bind, port), Handler)
+    server = _HttpServer((bind, port), Handler)
     server.daemon_threads = True
     say(f"{name}: HTTP on {bind}:{port}")
     try:

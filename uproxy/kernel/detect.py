@@ -16,10 +16,12 @@ from uproxy.kernel.netfilter import (
     OWN_PREFIX,
     BackendChoice,
     BackendName,
+    Family,
     Netfilter,
     ToolMissing,
     find_tool,
     run_tool_quietly,
+    tool_prefix,
 )
 from uproxy.kernel.nft_backend import NftNetfilter
 
@@ -80,20 +82,29 @@ def detect_backend(choice: BackendChoice = "auto") -> BackendName:
     raise KernelError("no iptables tools found (install the iptables package)")
 
 
-def open_backend(name: BackendName) -> Netfilter:
-    """The real backend `name`; KernelError when its tools are missing."""
-    prefix = "iptables-nft" if name == "nft" else "iptables-legacy"
+def _open(name: BackendName, family: Family) -> Netfilter:
+    return NftNetfilter(family) if name == "nft" else LegacyNetfilter(family)
+
+
+def open_backend(name: BackendName, family: Family = 4) -> Netfilter:
+    """The real backend `name` for `family`; KernelError when its tools are missing."""
+    prefix = tool_prefix(name, family)
     for tool in (f"{prefix}-save", f"{prefix}-restore"):
         if find_tool(tool) is None:
             raise ToolMissing(f"{tool} not found (install the iptables package)")
-    return NftNetfilter() if name == "nft" else LegacyNetfilter()
+    return _open(name, family)
 
 
-def build_netfilter(choice: BackendChoice = "auto") -> Netfilter:
+def build_netfilter(choice: BackendChoice = "auto", family: Family = 4) -> Netfilter:
     """Detect (for "auto") and open the backend uproxy runs on; logs the choice."""
     name = detect_backend(choice)
-    log.info("iptables_backend", backend=name, chosen_by="flag" if choice != "auto" else "detected")
-    return open_backend(name)
+    log.info(
+        "iptables_backend",
+        backend=name,
+        family=family,
+        chosen_by="flag" if choice != "auto" else "detected",
+    )
+    return open_backend(name, family)
 
 
 def physdev_supported() -> bool:
@@ -111,25 +122,25 @@ def other_backend(name: BackendName) -> BackendName:
     return "legacy" if name == "nft" else "nft"
 
 
-def open_installed(name: BackendName) -> Netfilter | None:
-    """Backend `name` if its save tool is installed (for cleanup), else None."""
-    if find_tool(f"iptables-{name}-save") is None:
+def open_installed(name: BackendName, family: Family = 4) -> Netfilter | None:
+    """Backend `name` for `family` if its save tool is installed (for cleanup), else None."""
+    if find_tool(f"{tool_prefix(name, family)}-save") is None:
         return None
-    return NftNetfilter() if name == "nft" else LegacyNetfilter()
+    return _open(name, family)
 
 
-def open_if_holding_own_rules(name: BackendName) -> list[Netfilter]:
+def open_if_holding_own_rules(name: BackendName, family: Family = 4) -> list[Netfilter]:
     """Backend `name` when it holds rules of uproxy's (an earlier run on it), else nothing.
 
     Looks before opening: the legacy backend loads python-iptables (about 20 MB resident for the
     life of the process), which an nft host with nothing of uproxy's in legacy never needs.
     """
-    prefix = f"iptables-{name}"
+    prefix = tool_prefix(name, family)
     if find_tool(f"{prefix}-save") is None or find_tool(f"{prefix}-restore") is None:
         return []
     if OWN_PREFIX not in run_tool_quietly([f"{prefix}-save"]):
         return []
-    return [NftNetfilter() if name == "nft" else LegacyNetfilter()]
+    return [_open(name, family)]
 
 
 _VERSION = re.compile(r"v(\d+)\.(\d+)\.(\d+)")

@@ -17,6 +17,7 @@ from uproxy.kernel.conntrack import UdpFlow, UdpFlowMatch
 from uproxy.kernel.netfilter import (
     BUILTIN_CHAINS,
     BackendName,
+    Family,
     Jump,
     TableState,
     TableUpdate,
@@ -53,8 +54,9 @@ MAX_CHAIN_NAME = 28  # x_tables' limit (XT_EXTENSION_MAXNAMELEN - 1); nf_tables 
 
 
 class FakeNetfilter:
-    def __init__(self, backend: BackendName = "nft") -> None:
+    def __init__(self, backend: BackendName = "nft", family: Family = 4) -> None:
         self.backend: BackendName = backend
+        self.family: Family = family
         self.tables: dict[str, Chains] = {}
         self.commits = 0  # successful writes that changed something: lets tests see "no-op"
         self._failures: list[KernelError] = []

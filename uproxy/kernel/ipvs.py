@@ -42,6 +42,7 @@ import structlog
 
 from uproxy import model
 from uproxy.errors import KernelError
+from uproxy.kernel.netfilter import Family
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,7 @@ PROC_IPVS = Path("/proc/net/ip_vs")
 SCHEDULERS = ("rr", "lc", "wlc", "sh", "dh", "sed", "nq", "mh")
 
 _FWD_MASQ = 0  # IP_VS_CONN_F_MASQ
+_IFA_F_NODAD = 0x02
 _SVC_F_PERSISTENT = 0x1
 _ALL_FLAGS = 0xFFFFFFFF
 _PROTO_NUMBERS = {model.Protocol.TCP: socket.IPPROTO_TCP, model.Protocol.UDP: socket.IPPROTO_UDP}
@@ -77,8 +79,8 @@ def _host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-def ip_family(ip: str) -> int:
-    return ipaddress.ip_address(ip).version
+def ip_family(ip: str) -> Family:
+    return 4 if ipaddress.ip_address(ip).version == 4 else 6
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -575,9 +577,12 @@ class NetlinkIpvs:
                 return
             raise IpvsError(f"add {ip} to {name}: no such interface", errno.ENODEV)
         prefix = 32 if ip_family(ip) == 4 else 128
+        # No duplicate address detection: a virtual address is no neighbour's, and a tentative
+        # one would refuse its first packets.
+        flags = {"flags": _IFA_F_NODAD} if verb == "add" and prefix == 128 else {}
         self._do(
             f"{verb} {ip} on {name}",
-            lambda: self._ipr().addr(verb, index=index, address=ip, prefixlen=prefix),
+            lambda: self._ipr().addr(verb, index=index, address=ip, prefixlen=prefix, **flags),
             (errno.EEXIST,) if verb == "add" else (errno.EADDRNOTAVAIL, errno.ENOENT),
         )
 

@@ -66,6 +66,7 @@ class FakeIpvs:
             "net.ipv4.ip_forward": "0",
             "net.ipv4.conf.all.arp_ignore": "0",
             "net.ipv4.conf.all.arp_announce": "0",
+            "net.ipv6.conf.all.forwarding": "0",
         }
         self.writes = 0
         self._failures: list[IpvsError] = []

@@ -35,6 +35,7 @@ from uproxy.errors import KernelError
 from uproxy.kernel.netfilter import (
     BUILTIN_CHAINS,
     BackendName,
+    Family,
     Jump,
     RestoreTools,
     TableState,
@@ -42,6 +43,7 @@ from uproxy.kernel.netfilter import (
     is_own,
     jump_lines,
     plan_jumps,
+    tool_prefix,
 )
 from uproxy.logs import STDOUT_LOCK
 
@@ -51,10 +53,11 @@ log = structlog.get_logger(__name__)
 _XTABLES_LOCK_WAIT = 5.0
 
 
-def legacy_tables() -> set[str]:
+def legacy_tables(family: Family = 4) -> set[str]:
     """The legacy tables that exist. Touching any other one would create it in the kernel."""
+    names = "ip6_tables_names" if family == 6 else "ip_tables_names"
     try:
-        return set(Path("/proc/net/ip_tables_names").read_text().split())
+        return set(Path("/proc/net", names).read_text().split())
     except OSError:
         return set()
 
@@ -97,12 +100,16 @@ def _import_iptc() -> ModuleType | None:
 class LegacyNetfilter:
     backend: BackendName = "legacy"
 
-    def __init__(self, prefix: str = "iptables-legacy") -> None:
+    def __init__(self, family: Family = 4, *, python_iptables: bool = True) -> None:
+        """`python_iptables` False takes the text path the backend falls back to when
+        python-iptables cannot load (the tests drive both)."""
+        self.family: Family = family
+        prefix = tool_prefix("legacy", family)
         self._tools = RestoreTools(f"{prefix}-save", f"{prefix}-restore", ["-w", "5"])
-        self._iptc = _import_iptc()
+        self._iptc = _import_iptc() if python_iptables else None
 
     def read(self, table: str) -> TableState:
-        if table not in legacy_tables():
+        if table not in legacy_tables(self.family):
             return TableState()
         return TableState.from_chains(self._tools.save(table).get(table, {}))
 
@@ -117,7 +124,7 @@ class LegacyNetfilter:
             self._ensure_jumps_iptc(self._iptc, table, jumps)
 
     def delete_everything(self) -> None:
-        tables = legacy_tables()
+        tables = legacy_tables(self.family)
         if not tables:
             return
         if self._iptc is not None:
@@ -135,8 +142,12 @@ class LegacyNetfilter:
     # python-iptables compares rules structurally (match and target buffers), so the jumps it
     # checks need no text rendering, and thus never go through the fd-1 pipe.
 
+    def _table(self, iptc: Any, name: str, *, autocommit: bool = True) -> Any:
+        table_class = iptc.Table6 if self.family == 6 else iptc.Table
+        return table_class(name, autocommit=autocommit)
+
     def _iptc_rule(self, iptc: Any, jump: Jump) -> Any:
-        rule = iptc.Rule()
+        rule = iptc.Rule6() if self.family == 6 else iptc.Rule()
         if jump.destination is not None:
             rule.dst = jump.destination
         if jump.dst_local:
@@ -149,7 +160,7 @@ class LegacyNetfilter:
 
     def _ensure_jumps_iptc(self, iptc: Any, table_name: str, jumps: Sequence[Jump]) -> None:
         try:
-            table = iptc.Table(table_name, autocommit=False)
+            table = self._table(iptc, table_name, autocommit=False)
             table.refresh()  # drop the cached handle: the restore tool changed the table
             changed = False
             for chain_name in BUILTIN_CHAINS[table_name]:
@@ -182,10 +193,12 @@ class LegacyNetfilter:
             raise KernelError(f"python-iptables ({table_name}): {exc}") from None
         finally:
             with contextlib.suppress(Exception):
-                iptc.Table(table_name).refresh()  # never keep uncommitted edits around
+                self._table(iptc, table_name).refresh()  # never keep uncommitted edits around
 
     def _ensure_jumps_text(self, table: str, jumps: Sequence[Jump]) -> None:
-        chains = self._tools.save(table).get(table, {}) if table in legacy_tables() else {}
+        chains = (
+            self._tools.save(table).get(table, {}) if table in legacy_tables(self.family) else {}
+        )
         current = {c: chains.get(c, []) for c in BUILTIN_CHAINS[table]}
         stale, missing = plan_jumps(current, jumps)
         if stale or missing:
@@ -195,7 +208,7 @@ class LegacyNetfilter:
         """Remove uproxy's jumps and chains from `tables`; True when something could not go."""
         leftover = False
         for name in sorted(tables):
-            table = iptc.Table(name, autocommit=False)
+            table = self._table(iptc, name, autocommit=False)
             table.refresh()
             own = [chain for chain in table.chains if is_own(chain.name)]
             if not own:

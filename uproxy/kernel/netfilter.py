@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 OWN_PREFIX = "UPROXY-"
 BackendName = Literal["legacy", "nft"]
 BackendChoice = Literal["auto", "legacy", "nft"]
+Family = Literal[4, 6]
 
 BUILTIN_CHAINS: Mapping[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -158,6 +159,7 @@ class Netfilter(Protocol):
     """What the portals need from an iptables backend. Every method blocks."""
 
     backend: BackendName
+    family: Family
 
     def read(self, table: str) -> TableState:
         """uproxy's chains in `table` with their rules, and every rule elsewhere that jumps into
@@ -177,6 +179,11 @@ class Netfilter(Protocol):
 
 
 # -- iptables-save / -restore plumbing shared by both backends --------------------------------
+
+
+def tool_prefix(backend: BackendName, family: Family = 4) -> str:
+    """The tools of one backend and family: iptables-nft, ip6tables-legacy, ..."""
+    return f"{'ip6tables' if family == 6 else 'iptables'}-{backend}"
 
 
 def find_tool(name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""The nf_tables backend, through the iptables-nft tools (Debian 12's default), so an admin's
+"""The nf_tables backend, through the iptables-nft tools (Debian 12's default), or
+the ip6tables-nft tools for IPv6, so an admin's
 `iptables -t nat -S` shows uproxy's rules. Reads with `iptables-nft-save`, writes with
 `iptables-nft-restore --noflush` batches (one nf_tables transaction per table).
 """
@@ -12,6 +13,7 @@ import structlog
 from uproxy.kernel.netfilter import (
     BUILTIN_CHAINS,
     BackendName,
+    Family,
     Jump,
     RestoreTools,
     TableState,
@@ -20,6 +22,7 @@ from uproxy.kernel.netfilter import (
     parse_listing,
     plan_jumps,
     run_tool,
+    tool_prefix,
 )
 
 log = structlog.get_logger(__name__)
@@ -28,7 +31,9 @@ log = structlog.get_logger(__name__)
 class NftNetfilter:
     backend: BackendName = "nft"
 
-    def __init__(self, prefix: str = "iptables-nft") -> None:
+    def __init__(self, family: Family = 4) -> None:
+        self.family: Family = family
+        prefix = tool_prefix("nft", family)
         self._cmd = prefix
         self._tools = RestoreTools(f"{prefix}-save", f"{prefix}-restore")
 

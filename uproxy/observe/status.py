@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from uproxy.model import Endpoint
@@ -18,7 +19,27 @@ def _endpoint_state(endpoint: Endpoint) -> str:
     return "not-ready"
 
 
-def status_document(views: Sequence[PortView], mode: str) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One forwarding worker of --workers N."""
+
+    index: int
+    pid: int | None  # None while it is being started again
+    live: bool
+    restarts: int
+
+
+def status_document(
+    views: Sequence[PortView],
+    mode: str,
+    *,
+    synced: bool = True,
+    portals: bool = True,
+    workers: Sequence[WorkerStatus] = (),
+) -> dict[str, Any]:
+    """`synced`: a first sync has applied the sources' state (before it, no ports says nothing).
+    `portals`: the virtual IPs reach the proxy (not so for userspace mode with --no-portals).
+    `workers`: the forwarding workers, with --workers N > 1."""
     ports = []
     for view in sorted(views, key=lambda v: v.service.name):
         service = view.service
@@ -38,6 +59,7 @@ def status_document(views: Sequence[PortView], mode: str) -> dict[str, Any]:
                     else {"type": "None"}
                 ),
                 "connections": view.connections,
+                "ejections": view.ejections,
                 "bytesIn": view.stats.bytes_in,
                 "bytesOut": view.stats.bytes_out,
                 "endpoints": [
@@ -45,6 +67,7 @@ def status_document(views: Sequence[PortView], mode: str) -> dict[str, Any]:
                         "address": str(endpoint),
                         "state": _endpoint_state(endpoint),
                         "inUse": endpoint in view.in_use,
+                        "ejected": endpoint in view.ejected,
                         "nodeName": endpoint.node_name,
                         "connections": view.per_endpoint.get(endpoint, 0),
                     }
@@ -52,22 +75,64 @@ def status_document(views: Sequence[PortView], mode: str) -> dict[str, Any]:
                 ],
             }
         )
-    return {"mode": mode, "servicePorts": ports}
+    document: dict[str, Any] = {
+        "mode": mode,
+        "synced": synced,
+        "portals": portals,
+        "servicePorts": ports,
+    }
+    if workers:
+        document["workers"] = [
+            {"worker": w.index, "pid": w.pid, "live": w.live, "restarts": w.restarts}
+            for w in workers
+        ]
+    return document
+
+
+NOT_SYNCED = "not synced yet: the sources' state has not reached the proxy"
+NO_PORTALS = (
+    "no portals (--no-portals): the virtual IPs marked [no-portal] are not reachable; "
+    "clients connect to the proxy port on the bind address"
+)
+
+
+def _notes(document: Mapping[str, Any]) -> list[str]:
+    if not document.get("synced", True):
+        return [NOT_SYNCED]
+    notes = [] if document["servicePorts"] else ["no service ports"]
+    if not document.get("portals", True):
+        notes.append(NO_PORTALS)
+    if document.get("workers"):
+        notes.append("workers: " + ", ".join(_worker(w) for w in document["workers"]))
+    return notes
+
+
+def _worker(worker: Mapping[str, Any]) -> str:
+    state = f"pid {worker['pid']}" if worker["live"] else "restarting"
+    restarts = f", {worker['restarts']} restarts" if worker["restarts"] else ""
+    return f"{worker['worker']} ({state}{restarts})"
 
 
 _COLUMNS = ("SERVICE PORT", "PROTO", "VIRTUAL IPS", "PROXY PORT", "AFFINITY", "CONNS", "ENDPOINTS")
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
 
 
 def _rows(document: Mapping[str, Any]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for port in document["servicePorts"]:
         vips = [*port["clusterIPs"], *port["externalIPs"], *port["loadBalancerIPs"]]
-        vip_text = ",".join(f"{ip}:{port['port']}" for ip in vips) or "-"
+        mark = "" if document.get("portals", True) else "[no-portal]"
+        vip_text = ",".join(f"{_host(ip)}:{port['port']}{mark}" for ip in vips) or "-"
         if port["nodePort"]:
             vip_text += f" node:{port['nodePort']}"
         affinity = port["affinity"]
         eps = [
-            f"{e['address']}({e['connections']})" + ("" if e["inUse"] else f"[{e['state']}]")
+            f"{e['address']}({e['connections']})"
+            + ("" if e["inUse"] else f"[{e['state']}]")
+            + ("[ejected]" if e.get("ejected") else "")
             for e in port["endpoints"]
         ]
         rows.append(
@@ -85,6 +150,9 @@ def _rows(document: Mapping[str, Any]) -> list[tuple[str, ...]]:
 
 
 def render_table(document: Mapping[str, Any]) -> str:
+    """The table, with notes below it; no table at all before the first sync or without ports."""
+    if not document.get("synced", True) or not document["servicePorts"]:
+        return "\n".join(_notes(document))
     rows: list[tuple[str, ...]] = [_COLUMNS, *_rows(document)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = [
@@ -93,7 +161,7 @@ def render_table(document: Mapping[str, Any]) -> str:
         + row[-1]
         for row in rows
     ]
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join([*(line.rstrip() for line in lines), *_notes(document)])
 
 
 def render_page(document: Mapping[str, Any]) -> str:
@@ -116,6 +184,7 @@ td {{ font-family: ui-monospace, monospace; font-size: .9rem; }}
 </style></head>
 <body><h1>uproxy — {html.escape(str(document["mode"]))} mode</h1>
 <p id="summary">{count} service port(s); refreshes every 2 s.</p>
+{"".join(f"<p class='note'>{html.escape(note)}</p>" for note in _notes(document))}
 <table id="status"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 </body></html>
 """

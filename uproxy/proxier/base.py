@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +28,37 @@ class PortView:
     connections: int
     affinity_entries: int
     stats: PortStats
+    ejected: frozenset[Endpoint] = frozenset()  # skipped after failed dials (userspace)
+    ejections: int = 0  # ever, on this port
+
+
+async def drain(proxier: Proxier, grace: float, hurry: asyncio.Event) -> None:
+    """`proxier.shutdown(grace)`, cut to an immediate shutdown once `hurry` is set (a second
+    signal)."""
+    hurried = asyncio.ensure_future(hurry.wait())
+    draining = asyncio.ensure_future(proxier.shutdown(grace))
+    try:
+        await asyncio.wait([draining, hurried], return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
+            await proxier.shutdown(0)
+    finally:
+        hurried.cancel()
+
+
+async def each_then_first_failure(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Await every call, even when one fails, so one IP family's trouble never holds back the
+    other's changes; then raise the first failure for the runner to retry."""
+    failure: Exception | None = None
+    for call in calls:
+        try:
+            await call()
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 @dataclass(slots=True)

@@ -14,6 +14,10 @@ converged to them through the injected `Netfilter` backend (legacy or nft), like
   are never touched. The first one also removes what uproxy left in the other iptables backend
   and what the IPVS mode left outside netfilter (injected cleaners).
 
+One proxier serves one IP family (its backend's and its context's: iptables or ip6tables), as
+kube-proxy's: it takes only the service ports with a ClusterIP of its family, and of those only
+that family's addresses and endpoints; `families.PerFamily` puts two side by side.
+
 UDP has no connection to end, so a client that keeps sending keeps its conntrack entry and with
 it the NAT decision of its first datagram. After each successful write the entries that would go
 to the old place are deleted (kube-proxy's pkg/proxy/conntrack): those whose reply source is an
@@ -30,12 +34,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from uproxy.addresses import of_family
 from uproxy.dataplane.stats import PortStats
 from uproxy.endpoints import EndpointSelection
 from uproxy.errors import KernelError
 from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
-from uproxy.kernel.netfilter import Netfilter, TableUpdate
-from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.kernel.netfilter import Family, Netfilter, TableUpdate
+from uproxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
 from uproxy.proxier.base import Changed, PortView, SyncCounters
 from uproxy.proxier.iptables_diff import Change, converge_table, partial_updates, rules_written
 from uproxy.proxier.iptables_rules import (
@@ -43,11 +48,14 @@ from uproxy.proxier.iptables_rules import (
     PortRules,
     RuleContext,
     assemble,
+    family_endpoints,
     jumps,
     render_port,
     select,
+    serves,
     tails,
 )
+from uproxy.proxier.udp_flows import stale_udp_flows
 from uproxy.threads import in_thread
 
 log = structlog.get_logger(__name__)
@@ -61,44 +69,15 @@ class _Port:
 
     service: ServicePort
     endpoints: tuple[Endpoint, ...]
-    chosen: EndpointSelection
+    selection: EndpointSelection
     rules: PortRules
+    node_zone: str  # topology hints are judged against it
 
 
 @dataclass
 class _Written:
     rules: int = 0
     repaired: list[str] = field(default_factory=list)
-
-
-def udp_destinations(svc: ServicePort) -> set[UdpFlowMatch]:
-    """Every virtual destination of a UDP service port (a NodePort on any address)."""
-    if svc.protocol is not Protocol.UDP:
-        return set()
-    out = {
-        UdpFlowMatch.destination(ip, svc.port)
-        for ip in (*svc.cluster_ips, *svc.external_ips, *svc.load_balancer_ips)
-    }
-    if svc.node_port:
-        out.add(UdpFlowMatch.destination(None, svc.node_port))
-    return out
-
-
-def stale_udp_flows(before: _Port | None, after: _Port | None) -> set[UdpFlowMatch]:
-    """The UDP conntrack entries a change leaves pointing at the wrong place."""
-    old_svc = before.service if before is not None else None
-    new_svc = after.service if after is not None else None
-    if not any(s is not None and s.protocol is Protocol.UDP for s in (old_svc, new_svc)):
-        return set()
-    had = set(before.chosen.reachable) if before is not None else set()
-    has = set(after.chosen.reachable) if after is not None else set()
-    out = {UdpFlowMatch.endpoint(e.ip, e.port) for e in had - has}
-    new_dst = udp_destinations(new_svc) if new_svc is not None else set()
-    old_dst = udp_destinations(old_svc) if old_svc is not None else set()
-    if has and not had:
-        out |= new_dst  # it was rejecting (or had no rules): those entries are not NATed
-    out |= old_dst - new_dst  # an address that no longer leads here
-    return out
 
 
 class IptablesProxier:
@@ -116,8 +95,13 @@ class IptablesProxier:
         cleanup_on_exit: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if netfilter.family != context.family:
+            raise ValueError(
+                f"an IPv{context.family} rule context on an IPv{netfilter.family} backend"
+            )
         self._nf = netfilter
         self._ctx = context
+        self._family = context.family
         self._tails = tails(context)
         self._jumps = jumps()
         self._conntrack = conntrack
@@ -143,6 +127,10 @@ class IptablesProxier:
     def backend(self) -> str:
         return self._nf.backend
 
+    @property
+    def family(self) -> Family:
+        return self._family
+
     # -- Proxier -----------------------------------------------------------------------------
 
     async def sync(self, state: ProxyState, changed: Changed = None) -> None:
@@ -161,7 +149,12 @@ class IptablesProxier:
                     kind = "partial"
                 except KernelError as exc:
                     # Someone changed uproxy's chains behind its back: read them and converge.
-                    log.warning("iptables_partial_sync_failed", error=str(exc), action="full sync")
+                    log.warning(
+                        "iptables_partial_sync_failed",
+                        family=self._family,
+                        error=str(exc),
+                        action="full sync",
+                    )
                     self._counters.partial_failures += 1
             if kind == "full":
                 written = await self._full(trusted)
@@ -177,6 +170,7 @@ class IptablesProxier:
                 "iptables_synced",
                 kind=kind,
                 backend=self._nf.backend,
+                family=self._family,
                 service_ports=len(self._ports),
                 changed_ports=len(changes),
                 rules_written=written.rules,
@@ -195,7 +189,7 @@ class IptablesProxier:
             async with self._lock:
                 self._trusted = False
                 await in_thread(self._nf.delete_everything)
-            log.info("iptables_cleaned", backend=self._nf.backend)
+            log.info("iptables_cleaned", backend=self._nf.backend, family=self._family)
 
     def view(self) -> list[PortView]:
         return list(self._views.values())
@@ -219,6 +213,8 @@ class IptablesProxier:
         for name in names:
             old = self._ports.get(name)
             svc = state.services.get(name)
+            if svc is not None and not serves(svc, self._family):
+                svc = None  # the other family's proxier takes it
             if svc is None:
                 if old is not None:
                     del self._ports[name]
@@ -230,10 +226,13 @@ class IptablesProxier:
                 old is not None
                 and (old.service is svc or old.service == svc)
                 and (old.endpoints is endpoints or old.endpoints == endpoints)
+                and old.node_zone == state.node_zone
             ):
                 continue
-            chosen = select(endpoints, svc, self._ctx.node_name)
-            new = _Port(svc, endpoints, chosen, render_port(svc, chosen, self._ctx))
+            chosen = select(endpoints, svc, self._ctx.node_name, state.node_zone, self._family)
+            new = _Port(
+                svc, endpoints, chosen, render_port(svc, chosen, self._ctx), state.node_zone
+            )
             self._ports[name] = new
             out.append((name, Change(old.rules if old is not None else None, new.rules)))
             # A previous run's flows may point anywhere: treat every port as new.
@@ -249,8 +248,8 @@ class IptablesProxier:
         self._views[name] = PortView(
             service=port.service,
             proxy_port=0,  # no proxy port: the kernel forwards the service port itself
-            endpoints=port.endpoints,
-            in_use=frozenset(port.chosen.reachable),
+            endpoints=family_endpoints(port.endpoints, self._family),
+            in_use=frozenset(port.selection.reachable),
             per_endpoint={},
             connections=0,
             affinity_entries=0,
@@ -279,6 +278,7 @@ class IptablesProxier:
             log.warning(
                 "iptables_drift_repaired",
                 backend=self._nf.backend,
+                family=self._family,
                 rules_written=written.rules,
                 repaired=written.repaired,
             )
@@ -310,7 +310,12 @@ class IptablesProxier:
                 self._nf.apply(stale)
                 written.repaired.append("stale chains")
             except KernelError as exc:  # a foreign rule still jumps there: leave it
-                log.warning("stale_chains_kept", backend=self._nf.backend, error=str(exc))
+                log.warning(
+                    "stale_chains_kept",
+                    backend=self._nf.backend,
+                    family=self._family,
+                    error=str(exc),
+                )
         return written
 
     async def _cleanup_leftovers(self) -> None:
@@ -320,7 +325,12 @@ class IptablesProxier:
             try:
                 await in_thread(other.delete_everything)
             except KernelError as exc:
-                log.warning("other_backend_cleanup_failed", backend=other.backend, error=str(exc))
+                log.warning(
+                    "other_backend_cleanup_failed",
+                    backend=other.backend,
+                    family=other.family,
+                    error=str(exc),
+                )
         leftovers, self._leftovers = self._leftovers, ()
         for cleaner in leftovers:
             try:
@@ -329,6 +339,9 @@ class IptablesProxier:
                 log.warning("leftover_cleanup_failed", error=str(exc))
 
     async def _flush_flows(self) -> None:
-        flows, self._flows = self._flows, set()
+        # A dual-stack port's matches name both families' addresses; this family's conntrack
+        # table holds only its own (None: a NodePort on any address).
+        flows = {m for m in self._flows if m.ip is None or of_family([m.ip], self._family)}
+        self._flows = set()
         if flows:
             await self._conntrack(sorted(flows, key=lambda m: (m.reply, m.ip or "", m.port)))

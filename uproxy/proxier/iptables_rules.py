@@ -14,6 +14,9 @@ that uproxy can run beside a real kube-proxy:
                                    masquerade and go to SVC (Cluster policy), or keep the client's
                                    address and go to SVL (Local policy; node-local and, with
                                    --cluster-cidr, pod clients short-circuit to SVC as kube-proxy).
+  nat    UPROXY-FW-<hash>       loadBalancerSourceRanges: the LoadBalancer IPs' rules go here
+                                   first; allowed sources go on to the EXT chain, the rest fall
+                                   through un-NATed into filter UPROXY-LB-FIREWALL.
   nat    UPROXY-SEP-<hash>      one endpoint: mark hairpin traffic, then DNAT to it.
   nat    UPROXY-MARK-MASQ       sets the mark 0x4000; UPROXY-POSTROUTING (<- POSTROUTING)
                                    masquerades what carries it.
@@ -23,11 +26,19 @@ that uproxy can run beside a real kube-proxy:
   filter UPROXY-EXTERNAL-SERVICES <- INPUT, FORWARD (new connections): the same for external
                                    addresses and NodePorts.
   filter UPROXY-FORWARD         <- FORWARD: accepts marked and established service traffic.
+  filter UPROXY-LB-FIREWALL  <- INPUT, FORWARD, OUTPUT (new connections, first): drops what
+                                   is still addressed to a firewalled LoadBalancer IP (it was
+                                   not DNATed, so its source is not in the ranges).
 
 Every rule spec is written exactly as iptables-save prints it (checked on iptables-nft and
 iptables-legacy 1.8.9), so reading the kernel back is a string comparison. Everything a service
 port contributes is rendered by `render_port` alone, so a sync re-renders only the ports that
-changed. IPv4 only: these are iptables rules; IPv6 addresses and endpoints are skipped.
+changed.
+
+One family per ruleset, as kube-proxy runs one proxier per family: `RuleContext.family` 4 renders
+iptables rules, 6 ip6tables rules (the same chains and hashes; /128 hosts, the IPv6 affinity mask,
+`icmp6-port-unreachable`, loopback ::1). A family takes only the service ports with a ClusterIP of
+its own (see `serves`), and only its own addresses and endpoints of those.
 """
 
 from __future__ import annotations
@@ -46,8 +57,9 @@ from uproxy.endpoints import (
     external_policy_local,
     externally_accessible,
 )
-from uproxy.kernel.netfilter import Jump, normalize_cidr, save_quote
+from uproxy.kernel.netfilter import Family, Jump, normalize_cidr, save_quote
 from uproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
+from uproxy.source_ranges import Network, allowed_sources
 
 NAT = "nat"
 FILTER = "filter"
@@ -57,16 +69,27 @@ SERVICES = "UPROXY-SERVICES"  # in nat and in filter, as kube-proxy's KUBE-SERVI
 NODEPORTS = "UPROXY-NODEPORTS"
 EXTERNAL_SERVICES = "UPROXY-EXTERNAL-SERVICES"
 FORWARD = "UPROXY-FORWARD"
+LB_FIREWALL = "UPROXY-LB-FIREWALL"
 MARK_MASQ = "UPROXY-MARK-MASQ"
 POSTROUTING = "UPROXY-POSTROUTING"
 SVC_PREFIX = "UPROXY-SVC-"
 SVL_PREFIX = "UPROXY-SVL-"
 EXT_PREFIX = "UPROXY-EXT-"
+FW_PREFIX = "UPROXY-FW-"
 SEP_PREFIX = "UPROXY-SEP-"
 
 MASQ_MARK = "0x4000"
 _MARKED = f"-m mark --mark {MASQ_MARK}/{MASQ_MARK}"
-REJECT = "REJECT --reject-with icmp-port-unreachable"
+# ip6tables refuses icmp-port-unreachable; each family has its own "port unreachable".
+_REJECT = {
+    4: "REJECT --reject-with icmp-port-unreachable",
+    6: "REJECT --reject-with icmp6-port-unreachable",
+}
+_HOST_PREFIX = {4: 32, 6: 128}
+_AFFINITY_MASK = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
+# DNAT from loopback to another host is a martian; IPv6 has no route_localnet to allow it.
+_LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}
+_ANY = {4: "0.0.0.0/0", 6: "::/0"}
 NODEPORTS_COMMENT = "uproxy service nodeports; must be last"
 
 RuleKey = tuple[str, str, str]  # (table, chain, spec)
@@ -78,10 +101,13 @@ class RuleContext:
     """What the rules depend on besides the services: the node's settings."""
 
     node_name: str = ""
-    cluster_cidr: str | None = None  # IPv4; traffic from outside it to a ClusterIP is masqueraded
+    cluster_cidr: str | None = None  # of `family`; traffic from outside it to a ClusterIP is
+    # masqueraded
     masquerade_all: bool = False
     nodeport_destinations: tuple[str | None, ...] = (None,)  # None: every local address
     random_fully: bool = True  # MASQUERADE --random-fully (iptables >= 1.6.2)
+    node_ips: tuple[str, ...] = ()  # for loadBalancerSourceRanges' allowFromNode
+    family: Family = 4  # 4: iptables rules; 6: ip6tables rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +142,7 @@ def _proto(protocol: Protocol) -> str:
 
 
 def port_chain(prefix: str, name: ServicePortName, protocol: Protocol) -> str:
-    """UPROXY-SVC-/SVL-/EXT-<hash> of a service port (kube-proxy's portProtoHash)."""
+    """UPROXY-SVC-/SVL-/EXT-/FW-<hash> of a service port (kube-proxy's portProtoHash)."""
     return prefix + _hash(str(name) + _proto(protocol))
 
 
@@ -138,28 +164,43 @@ def _comment(text: str) -> str:
     return f"-m comment --comment {save_quote(text[:255])}"
 
 
-def _ipv4(addresses: Iterable[str]) -> list[str]:
-    """Unique IPv4 addresses in order; these are iptables (IPv4) rules."""
-    return of_family(addresses, 4)
+def _host(ip: str, family: Family) -> str:
+    return f"{ip}/{_HOST_PREFIX[family]}"
 
 
-def ipv4_endpoints(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
-    """The endpoints these IPv4 rules can reach (kube-proxy runs one proxier per family)."""
-    return tuple(e for e in endpoints if _ipv4([e.ip]))
+def reject(family: Family) -> str:
+    return _REJECT[family]
+
+
+def serves(service: ServicePort, family: Family) -> bool:
+    """Whether `family`'s rules take this service port: it has a ClusterIP of that family, as
+    kube-proxy's per-family proxiers decide (a port without any ClusterIP stays IPv4's)."""
+    if not service.cluster_ips:
+        return family == 4
+    return bool(of_family(service.cluster_ips, family))
+
+
+def family_endpoints(endpoints: Iterable[Endpoint], family: Family) -> tuple[Endpoint, ...]:
+    """The endpoints one family's rules can reach (a DNAT across families cannot be written)."""
+    return tuple(e for e in endpoints if of_family([e.ip], family))
 
 
 def select(
-    endpoints: Sequence[Endpoint], service: ServicePort, node_name: str
+    endpoints: Sequence[Endpoint],
+    service: ServicePort,
+    node_name: str,
+    node_zone: str = "",
+    family: Family = 4,
 ) -> EndpointSelection:
-    """The one endpoint selection every mode uses, over this mode's address family."""
-    return categorize_endpoints(ipv4_endpoints(endpoints), service, node_name)
+    """The one endpoint selection every mode uses, over one address family."""
+    return categorize_endpoints(family_endpoints(endpoints, family), service, node_name, node_zone)
 
 
 # -- one service port ------------------------------------------------------------------------
 
 
 def _endpoint_rules(
-    svc: ServicePort, endpoints: Sequence[Endpoint], first: Sequence[str]
+    svc: ServicePort, endpoints: Sequence[Endpoint], first: Sequence[str], family: Family
 ) -> tuple[str, ...]:
     """A SVC or SVL chain: `first` (masquerade rules), affinity, then an equal random share."""
     name = str(svc.name)
@@ -170,7 +211,7 @@ def _endpoint_rules(
             rules.append(
                 f"{_comment(f'{name} -> {endpoint}')} -m recent --rcheck "
                 f"--seconds {svc.affinity_timeout} --reap --name {sep} "
-                f"--mask 255.255.255.255 --rsource -j {sep}"
+                f"--mask {_AFFINITY_MASK[family]} --rsource -j {sep}"
             )
     for i, (endpoint, sep) in enumerate(seps):
         chance = ""
@@ -180,14 +221,14 @@ def _endpoint_rules(
     return tuple(rules)
 
 
-def _sep_rules(svc: ServicePort, endpoint: Endpoint, sep: str) -> tuple[str, ...]:
+def _sep_rules(svc: ServicePort, endpoint: Endpoint, sep: str, family: Family) -> tuple[str, ...]:
     comment = _comment(str(svc.name))
     affinity = ""
     if svc.affinity_timeout is not None:
-        affinity = f" -m recent --set --name {sep} --mask 255.255.255.255 --rsource"
+        affinity = f" -m recent --set --name {sep} --mask {_AFFINITY_MASK[family]} --rsource"
     return (
         # Hairpin: an endpoint calling its own service would get its own packets back unNATed.
-        f"-s {endpoint.ip}/32 {comment} -j {MARK_MASQ}",
+        f"-s {_host(endpoint.ip, family)} {comment} -j {MARK_MASQ}",
         f"-p {_proto(svc.protocol)} {comment}{affinity} -j DNAT --to-destination {endpoint}",
     )
 
@@ -200,6 +241,7 @@ def render_port(svc: ServicePort, chosen: EndpointSelection, ctx: RuleContext) -
     svc_chain = port_chain(SVC_PREFIX, svc.name, svc.protocol)
     svl_chain = port_chain(SVL_PREFIX, svc.name, svc.protocol)
     ext_chain = port_chain(EXT_PREFIX, svc.name, svc.protocol)
+    fw_chain = port_chain(FW_PREFIX, svc.name, svc.protocol)
 
     internal_chain, has_internal = svc_chain, has_endpoints
     if svc.internal_traffic_local:
@@ -209,32 +251,39 @@ def render_port(svc: ServicePort, chosen: EndpointSelection, ctx: RuleContext) -
     if ext_local:
         external_chain, has_external = svl_chain, has_endpoints and bool(local)
     uses_ext_chain = has_endpoints and externally_accessible(svc)
+    family = ctx.family
+    sources = allowed_sources(svc, family, ctx.node_ips)
+    uses_fw_chain = has_endpoints and bool(sources)
+    lb_chain = fw_chain if uses_fw_chain else ext_chain
 
     # Where nothing can answer: REJECT (no endpoint anywhere: the client learns at once) or DROP
     # (a Local policy whose endpoints are all on other nodes: kube-proxy's choice).
     no_endpoints = f"{name} has {'no endpoints' if not has_endpoints else 'no local endpoints'}"
-    refuse = REJECT if not has_endpoints else "DROP"
+    refuse = reject(family) if not has_endpoints else "DROP"
 
     def match(ip: str | None, dport: int, comment: str, extra: str = "") -> str:
-        dest = f"-d {ip}/32 " if ip is not None else ""
+        dest = f"-d {_host(ip, family)} " if ip is not None else ""
         return f"{dest}-p {proto} {_comment(comment)}{extra} -m {proto} --dport {dport}"
 
     dispatch: list[RuleKey] = []
-    cluster_ips = _ipv4(svc.cluster_ips)
+    cluster_ips = of_family(svc.cluster_ips, family)
     for ip in cluster_ips:
         if has_internal:
             spec = f"{match(ip, port, f'{name} cluster IP')} -j {internal_chain}"
             dispatch.append((NAT, SERVICES, spec))
         else:
             dispatch.append((FILTER, SERVICES, f"{match(ip, port, no_endpoints)} -j {refuse}"))
-    for kind, ips in (
-        ("external IP", svc.external_ips),
-        ("loadbalancer IP", svc.load_balancer_ips),
+    for kind, ips, target in (
+        ("external IP", svc.external_ips, ext_chain),
+        ("loadbalancer IP", svc.load_balancer_ips, lb_chain),
     ):
-        for ip in _ipv4(ips):
+        for ip in of_family(ips, family):
             if has_endpoints:
-                spec = f"{match(ip, port, f'{name} {kind}')} -j {ext_chain}"
+                spec = f"{match(ip, port, f'{name} {kind}')} -j {target}"
                 dispatch.append((NAT, SERVICES, spec))
+            if uses_fw_chain and target == fw_chain:
+                comment = f"{name} traffic not accepted by {fw_chain}"
+                dispatch.append((FILTER, LB_FIREWALL, f"{match(ip, port, comment)} -j DROP"))
             if not has_external:
                 spec = f"{match(ip, port, no_endpoints)} -j {refuse}"
                 dispatch.append((FILTER, EXTERNAL_SERVICES, spec))
@@ -252,6 +301,9 @@ def render_port(svc: ServicePort, chosen: EndpointSelection, ctx: RuleContext) -
         if has_external:
             chains[ext_chain] += (f"{_comment(name)} -j {external_chain}",)
 
+    if uses_fw_chain:
+        chains[fw_chain] = _fw_rules(svc, sources, ext_chain)
+
     masquerade: list[str] = []
     if has_internal and (ctx.masquerade_all or ctx.cluster_cidr is not None):
         source = "" if ctx.masquerade_all else f"! -s {ctx.cluster_cidr} "
@@ -259,14 +311,27 @@ def render_port(svc: ServicePort, chosen: EndpointSelection, ctx: RuleContext) -
             masquerade.append(f"{source}{match(ip, port, f'{name} cluster IP')} -j {MARK_MASQ}")
     if cluster:
         first = masquerade if internal_chain == svc_chain else []
-        chains[svc_chain] = _endpoint_rules(svc, cluster, first)
+        chains[svc_chain] = _endpoint_rules(svc, cluster, first, family)
     if local:
         first = masquerade if internal_chain == svl_chain else []
-        chains[svl_chain] = _endpoint_rules(svc, local, first)
+        chains[svl_chain] = _endpoint_rules(svc, local, first, family)
     for endpoint in chosen.reachable:
         sep = endpoint_chain(svc.name, svc.protocol, endpoint)
-        chains[sep] = _sep_rules(svc, endpoint, sep)
+        chains[sep] = _sep_rules(svc, endpoint, sep, family)
     return PortRules(tuple(dispatch), chains)
+
+
+def _fw_rules(svc: ServicePort, sources: Sequence[Network], ext_chain: str) -> tuple[str, ...]:
+    """The FW chain: allowed sources go on to the EXT chain. The rest return un-NATed, still
+    addressed to the LoadBalancer IP, which filter UPROXY-LB-FIREWALL drops."""
+    comment = _comment(f"{svc.name} loadbalancer IP")
+    rules = []
+    for net in sources:
+        # iptables-save leaves out a match on any source.
+        source = f"-s {net.with_prefixlen} " if net.prefixlen else ""
+        rules.append(f"{source}{comment} -j {ext_chain}")
+    rules.append(_comment(f"other traffic to {svc.name} will be dropped by {LB_FIREWALL}"))
+    return tuple(rules)
 
 
 def _ext_rules(
@@ -308,15 +373,20 @@ def _ext_rules(
 # -- the node-wide part ----------------------------------------------------------------------
 
 
-def nodeport_destinations(nodeport_addresses: Sequence[str]) -> tuple[str | None, ...]:
-    """The `-d` of each jump to UPROXY-NODEPORTS: None (any local address but loopback) unless
-    --nodeport-addresses narrows them."""
+def nodeport_destinations(
+    nodeport_addresses: Sequence[str], family: Family = 4
+) -> tuple[str | None, ...]:
+    """The `-d` of each jump to UPROXY-NODEPORTS in `family`'s rules: None (any local address but
+    loopback) unless --nodeport-addresses narrows them; none at all when it names only the other
+    family's CIDRs."""
     if not nodeport_addresses:
         return (None,)
-    v4 = [
-        c for c in map(normalize_cidr, nodeport_addresses) if ipaddress.ip_network(c).version == 4
+    mine = [
+        c
+        for c in map(normalize_cidr, nodeport_addresses)
+        if ipaddress.ip_network(c).version == family
     ]
-    return (None,) if "0.0.0.0/0" in v4 else tuple(dict.fromkeys(v4))
+    return (None,) if _ANY[family] in mine else tuple(dict.fromkeys(mine))
 
 
 def nodeports_tail(ctx: RuleContext) -> tuple[str, ...]:
@@ -324,8 +394,8 @@ def nodeports_tail(ctx: RuleContext) -> tuple[str, ...]:
     address, may be a NodePort."""
     rules = []
     for destination in ctx.nodeport_destinations:
-        # DNAT from 127.0.0.1 to another host is a martian (route_localnet): not loopback.
-        dest = "! -d 127.0.0.0/8" if destination is None else f"-d {destination}"
+        # DNAT from loopback to another host is a martian (route_localnet; IPv6 has none).
+        dest = f"! -d {_LOOPBACK[ctx.family]}" if destination is None else f"-d {destination}"
         rules.append(
             f"{dest} {_comment(NODEPORTS_COMMENT)} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
         )
@@ -338,7 +408,13 @@ def tails(ctx: RuleContext) -> dict[tuple[str, str], tuple[str, ...]]:
 
 
 SET_CHAINS = frozenset(
-    {(NAT, SERVICES), (NAT, NODEPORTS), (FILTER, SERVICES), (FILTER, EXTERNAL_SERVICES)}
+    {
+        (NAT, SERVICES),
+        (NAT, NODEPORTS),
+        (FILTER, SERVICES),
+        (FILTER, EXTERNAL_SERVICES),
+        (FILTER, LB_FIREWALL),
+    }
 )
 
 
@@ -359,6 +435,7 @@ def static_chains(ctx: RuleContext) -> DesiredChains:
     filter_: dict[str, list[str]] = {
         SERVICES: [],
         EXTERNAL_SERVICES: [],
+        LB_FIREWALL: [],
         FORWARD: [
             # Out-of-window packets conntrack marks INVALID would escape the NAT and reach the
             # endpoint unNATed, which answers with a reset (kube-proxy's rule).
@@ -374,6 +451,7 @@ def static_chains(ctx: RuleContext) -> DesiredChains:
 def jumps() -> dict[str, tuple[Jump, ...]]:
     portals = "uproxy service portals"
     external = "uproxy externally visible service portals"
+    firewall = "uproxy load balancer firewall"
     return {
         NAT: (
             Jump("PREROUTING", SERVICES, portals),
@@ -381,6 +459,10 @@ def jumps() -> dict[str, tuple[Jump, ...]]:
             Jump("POSTROUTING", POSTROUTING, "uproxy postrouting rules"),
         ),
         FILTER: (
+            # First, as kube-proxy's KUBE-PROXY-FIREWALL: nothing may accept it before.
+            Jump("INPUT", LB_FIREWALL, firewall, new_only=True),
+            Jump("FORWARD", LB_FIREWALL, firewall, new_only=True),
+            Jump("OUTPUT", LB_FIREWALL, firewall, new_only=True),
             Jump("INPUT", EXTERNAL_SERVICES, external, new_only=True),
             Jump("FORWARD", FORWARD, "uproxy forwarding rules"),
             Jump("FORWARD", SERVICES, portals, new_only=True),
@@ -407,10 +489,16 @@ def compute_rules(
     services: Mapping[ServicePortName, ServicePort],
     endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
     ctx: RuleContext,
+    node_zone: str = "",
 ) -> Ruleset:
     """The complete desired state, from scratch; pure, for tests and the full sync alike."""
     rendered = (
-        render_port(services[n], select(endpoints.get(n, ()), services[n], ctx.node_name), ctx)
+        render_port(
+            services[n],
+            select(endpoints.get(n, ()), services[n], ctx.node_name, node_zone, ctx.family),
+            ctx,
+        )
         for n in sorted(services)
+        if serves(services[n], ctx.family)
     )
     return Ruleset(assemble(rendered, ctx), jumps())

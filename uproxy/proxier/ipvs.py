@@ -4,13 +4,18 @@ Python.
 What a sync makes the kernel hold (kube-proxy's IPVS mode where that mode is right):
 
 * A dummy interface `uproxy-ipvs0` with every ClusterIP, externalIP and LoadBalancer IP as /32
-  (/128), so the kernel takes packets to them as local and IPVS (hooked at LOCAL_IN/LOCAL_OUT)
-  sees them.
+  (/128, without duplicate address detection), so the kernel takes packets to them as local and
+  IPVS (hooked at LOCAL_IN/LOCAL_OUT) sees them.
 * One virtual server per (address, port, protocol), and for a NodePort one per node address
   (the node's unicast addresses, minus loopback, link-local and uproxy-ipvs0's own, narrowed by
   --nodeport-addresses). Scheduler from --ipvs-scheduler; ClientIP affinity is persistence with
   the service's timeout. Real servers have weight 1 and are masqueraded (IPVS NAT).
-* nat chain UPROXY-IPVS-POSTROUTING (jumped to from POSTROUTING) with MASQUERADE for what IPVS
+* IPv6 the same way: IPVS itself is family-agnostic, but masquerading cannot cross families, so
+  a virtual server gets only its own family's real servers (a dual-stack service has one virtual
+  server per ClusterIP, each with its family's EndpointSlice), and a NodePort sits on the node
+  addresses of the families the service has ClusterIPs of.
+* nat chain UPROXY-IPVS-POSTROUTING (jumped to from POSTROUTING), in iptables for IPv4 virtual
+  servers and in ip6tables for IPv6 ones, with MASQUERADE for what IPVS
   NAT alone gets wrong: node-local clients (their source is the virtual address itself, which
   a backend elsewhere would answer to its own node), hairpin connections (a backend scheduled to
   itself would answer itself directly) and traffic to NodePorts, externalIPs and LoadBalancer IPs
@@ -20,14 +25,22 @@ What a sync makes the kernel hold (kube-proxy's IPVS mode where that mode is rig
   rules, must see IPVS connections), expire_nodest_conn=1 and expire_quiescent_template=1 (a
   deleted or weight-0 real server gets no more packets or persistent clients), ip_forward=1;
   with --ipvs-strict-arp also arp_ignore=1/arp_announce=2, so the node does not answer ARP for
-  the addresses on uproxy-ipvs0.
+  the addresses on uproxy-ipvs0 (IPv6 needs nothing alike: the node answers neighbour
+  solicitations only for the addresses of the interface they arrive on). IPv6 forwarding
+  (net.ipv6.conf.all.forwarding) is checked, not set: turning it on makes the node ignore router
+  advertisements; `ipv6_forwarding_off` says when it is off.
+* A family whose ip6tables/iptables is unavailable is left out (no virtual servers of it), as
+  `build_ipvs_proxier` decides at start.
 
 Ownership, which survives a restart: a virtual server is uproxy's when its address is on
 uproxy-ipvs0, or when it is listed in the state file /run/uproxy/ipvs-virtual-servers, which
 records every virtual server uproxy creates before it creates it (NodePort virtual servers sit on
 node addresses, so the interface alone cannot tell). /run is a tmpfs, so the record lives exactly
 as long as the kernel's IPVS table, which a reboot empties too. Everything else in IPVS is never
-read twice or touched; kube-proxy's cleanup flushing all of IPVS is a known complaint.
+read twice or touched; kube-proxy's cleanup flushing all of IPVS is a known complaint. A virtual
+server uproxy wants that already exists without being on record is someone else's: uproxy leaves
+it exactly as it is (scheduler, real servers, all), logs `ipvs_foreign_virtual_server` once and
+counts it (`foreign_clashes`), and takes it over only once its owner has deleted it.
 
 Syncs are level-triggered: each reads the kernel's virtual servers and uproxy-ipvs0's addresses,
 and the real servers of every virtual server whose desired state changed since the last sync
@@ -68,13 +81,18 @@ from uproxy.kernel.ipvs import (
     ServiceInfo,
     VirtualServer,
     Worker,
+    ip_family,
 )
-from uproxy.kernel.netfilter import Netfilter, TableUpdate
+from uproxy.kernel.netfilter import Family, Netfilter, TableUpdate
 from uproxy.model import Protocol, ProxyState, ServicePortName
 from uproxy.proxier.base import Changed, PortView
 from uproxy.proxier.ipvs_cleanup import cleanup_blocking
 from uproxy.proxier.ipvs_desired import (
+    FAMILIES,
     FILTER,
+    FIREWALL_CHAIN,
+    FIREWALL_JUMP,
+    IPV6_FORWARDING,
     NAT,
     POSTROUTING_CHAIN,
     POSTROUTING_JUMP,
@@ -106,7 +124,12 @@ class Capabilities(TypingProtocol):
 
 
 class IpvsProxier:
-    """The `Proxier` protocol on IPVS. One sync (or reap) at a time; kernel work on `worker`."""
+    """The `Proxier` protocol on IPVS. One sync (or reap) at a time; kernel work on `worker`.
+
+    One proxier serves both families (IPVS, uproxy-ipvs0 and the ownership record are shared):
+    `netfilter` is IPv4's iptables, `netfilter6` IPv6's ip6tables (None: no rules in it),
+    `conntrack` flushes IPv4's UDP flows and `conntrack6` IPv6's (None: `conntrack` does),
+    `families` the ones served."""
 
     def __init__(
         self,
@@ -114,6 +137,8 @@ class IpvsProxier:
         ipvs: Ipvs,
         host: IpvsHost,
         netfilter: Netfilter | None,
+        netfilter6: Netfilter | None = None,
+        families: Sequence[Family] = FAMILIES,
         worker: Worker | None = None,
         scheduler: str = "rr",
         graceful_period: float = 15.0,
@@ -123,6 +148,7 @@ class IpvsProxier:
         resync_period: float = 30.0,
         state_file: Path | None = STATE_FILE,
         conntrack: UdpFlowCleaner,
+        conntrack6: UdpFlowCleaner | None = None,
         clock: Callable[[], float] = time.monotonic,
         housekeeping_interval: float | None = 1.0,
         stats_period: float = 10.0,
@@ -130,7 +156,8 @@ class IpvsProxier:
     ) -> None:
         self._ipvs = ipvs
         self._host = host
-        self._nf = netfilter
+        self._netfilters = {nf.family: nf for nf in (netfilter, netfilter6) if nf is not None}
+        self._families = tuple(families)
         self._own_worker = worker is None
         self._worker = worker or Worker()
         self._scheduler = scheduler
@@ -139,7 +166,7 @@ class IpvsProxier:
         self._strict_arp = strict_arp
         self._resync_period = resync_period
         self._journal = OwnedServers(state_file)
-        self._conntrack = conntrack
+        self._conntrack: dict[Family, UdpFlowCleaner] = {4: conntrack, 6: conntrack6 or conntrack}
         self._clock = clock
         self._interval = housekeeping_interval
         self._stats_period = stats_period
@@ -154,7 +181,8 @@ class IpvsProxier:
         )
         self._service_info: dict[VirtualServer, ServiceInfo] = {}
         self._applied: dict[VirtualServer, DesiredServer] = {}
-        self._rules: list[str] | None = None
+        self._rules: dict[Family, tuple[list[str], list[str]]] = {}  # as last written
+        self._warned_forwarding = False
         self._trusted = False
         self._last_full = float("-inf")
         self._next_stats = float("-inf")
@@ -163,6 +191,9 @@ class IpvsProxier:
         self._desired = Desired({}, frozenset())  # of the last successful sync
         self._target = self._desired  # of the latest sync, successful or not
         self._views: list[PortView] = []
+        # Virtual servers uproxy wants but someone else made: never touched (worker thread).
+        self._foreign: set[VirtualServer] = set()
+        self.foreign_clashes = 0  # clashes found since start, each counted once
 
     # --- Proxier -------------------------------------------------------------------------------
 
@@ -170,11 +201,17 @@ class IpvsProxier:
         async with self._lock:
             started = self._clock()
             node_ips: list[str] = []
-            if any(s.node_port for s in state.services.values()):
+            found: list[str] = []
+            if any(s.node_port or s.load_balancer_source_ranges for s in state.services.values()):
                 found = await self._worker.run(self._host.node_addresses, DUMMY_INTERFACE)
                 node_ips = nodeport_ips(found, self._cidrs)
             desired = compute_desired(
-                state, scheduler=self._scheduler, node_name=self._node_name, node_ips=node_ips
+                state,
+                scheduler=self._scheduler,
+                node_name=self._node_name,
+                node_ips=node_ips,
+                node_addresses=found,
+                families=self._families,
             )
             for conflict in desired.conflicts:
                 log.warning("ipvs_conflict", detail=conflict)
@@ -278,23 +315,35 @@ class IpvsProxier:
         now = self._clock()
         result = IpvsChanges()
         if full:
-            self._ensure_sysctls()
+            self._ensure_sysctls(desired)
         host.ensure_dummy(DUMMY_INTERFACE)
         bound = host.dummy_addresses(DUMMY_INTERFACE)
         actual = ipvs.services()
         recorded = self._journal.load()
-        owned = {vs for vs in actual if vs.ip in bound or vs in recorded}
-        for vs in sorted(desired.servers.keys() & actual.keys() - owned):
-            log.warning("ipvs_adopted", virtual_server=str(vs), reason="desired, not recorded")
+        # Everything uproxy creates is recorded first, so a desired virtual server in the kernel
+        # but not on record was made by someone else, whatever address it sits on.
+        clashes = (desired.servers.keys() & actual.keys()) - recorded
+        for vs in sorted(clashes - self._foreign):
+            self.foreign_clashes += 1
+            log.warning(
+                "ipvs_foreign_virtual_server",
+                virtual_server=str(vs),
+                action="left untouched; this service port is not served by uproxy",
+                hint="delete it (ipvsadm -D) and uproxy takes the address over at its next sync",
+            )
+        self._foreign = (self._foreign & actual.keys()) | clashes
+        owned = {vs for vs in actual if vs.ip in bound or vs in recorded} - self._foreign
         # Written ahead: whatever exists after a crash in the middle is on record. Entries the
         # kernel no longer has go (nothing else writes IPVS from uproxy: one worker thread).
         self._journal.discard(recorded - actual.keys())
-        self._journal.add(desired.servers.keys() | owned)
+        self._journal.add((desired.servers.keys() | owned) - self._foreign)
         for ip in sorted(desired.addresses - bound, key=ip_sort_key):
             host.add_address(DUMMY_INTERFACE, ip)
             result.addresses_added += 1
         fresh: set[VirtualServer] = set()
         for vs, want in desired.servers.items():
+            if vs in self._foreign:
+                continue
             self._terminations.draining.discard(vs)
             info = actual.get(vs)
             if info is None:
@@ -313,7 +362,7 @@ class IpvsProxier:
             self._converge_dests(vs, want, have, now, result)
             self._applied[vs] = want
         for vs in list(self._applied):
-            if vs not in desired.servers:
+            if vs not in desired.servers or vs in self._foreign:
                 del self._applied[vs]
         for vs in sorted(owned - desired.servers.keys()):
             self._terminations.drain_service(vs, now, result)
@@ -322,11 +371,12 @@ class IpvsProxier:
         keep = desired.addresses | {vs.ip for vs in self._terminations.draining}
         self._remove_addresses((bound | desired.addresses) - keep, result)
         self._service_info = {vs: i for vs, i in actual.items() if vs in self._observed}
-        rules = masquerade_rules(desired)
-        if self._nf is not None and (full or rules != self._rules):
-            self._rules = None
-            result.rules = self._converge_netfilter(self._nf, rules)
-            self._rules = rules
+        for family, nf in self._netfilters.items():
+            rules = (masquerade_rules(desired, family), list(desired.firewall_of(family)))
+            if full or rules != self._rules.get(family):
+                self._rules.pop(family, None)
+                result.rules = self._converge_netfilter(nf, *rules) or result.rules
+                self._rules[family] = rules
         return result
 
     def _converge_dests(
@@ -399,7 +449,7 @@ class IpvsProxier:
             self._remove_addresses({vs.ip for vs in result.deleted} - keep, result)
         return result
 
-    def _ensure_sysctls(self) -> None:
+    def _ensure_sysctls(self, desired: Desired) -> None:
         wanted = REQUIRED_SYSCTLS + (STRICT_ARP_SYSCTLS if self._strict_arp else ())
         for key, value in wanted:
             current = self._host.read_sysctl(key)
@@ -408,22 +458,41 @@ class IpvsProxier:
             if current != value:
                 self._host.write_sysctl(key, value)
                 log.info("sysctl_set", key=key, value=value, was=current)
+        if (
+            desired.has_family(6)
+            and not self._warned_forwarding
+            and self._host.read_sysctl(IPV6_FORWARDING) == "0"
+        ):
+            self._warned_forwarding = True
+            log.warning(
+                "ipv6_forwarding_off",
+                sysctl=IPV6_FORWARDING,
+                impact="IPv6 virtual servers answer only clients on this node and masqueraded "
+                "traffic (NodePorts, external IPs); replies to other clients are not forwarded",
+                hint=f"set {IPV6_FORWARDING}=1 (with accept_ra=2 where the node takes its "
+                "IPv6 route from router advertisements)",
+            )
 
-    def _converge_netfilter(self, nf: Netfilter, rules: list[str]) -> bool:
-        """Make UPROXY-IPVS-POSTROUTING exactly `rules` with its jump, and remove what another
-        uproxy mode left in nat and filter (its portals would steal the virtual addresses'
-        traffic before IPVS sees it). True when something was rewritten."""
+    def _converge_netfilter(self, nf: Netfilter, rules: list[str], firewall: list[str]) -> bool:
+        """Make UPROXY-IPVS-POSTROUTING exactly `rules` and UPROXY-IPVS-FIREWALL `firewall`
+        (no chain when empty) with their jumps, and remove what another uproxy mode left in nat
+        and filter (its portals would steal the virtual addresses' traffic before IPVS sees
+        it). True when something was rewritten."""
         nat, filter_ = nf.read(NAT), nf.read(FILTER)
         rewritten = nat.chains.get(POSTROUTING_CHAIN) != rules
         if rewritten:
             nf.apply({NAT: TableUpdate(replace={POSTROUTING_CHAIN: rules})})
         nf.ensure_jumps(NAT, (POSTROUTING_JUMP,))
-        if filter_.jumps:
-            nf.ensure_jumps(FILTER, ())
+        keep = {NAT: {POSTROUTING_CHAIN}, FILTER: {FIREWALL_CHAIN} if firewall else set()}
+        if firewall and filter_.chains.get(FIREWALL_CHAIN) != firewall:
+            nf.apply({FILTER: TableUpdate(replace={FIREWALL_CHAIN: firewall})})
+            rewritten = True
+        if filter_.jumps or firewall:
+            nf.ensure_jumps(FILTER, (FIREWALL_JUMP,) if firewall else ())
         stale = {
-            table: TableUpdate(delete_chains=[c for c in state.chains if c != POSTROUTING_CHAIN])
+            table: TableUpdate(delete_chains=[c for c in state.chains if c not in keep[table]])
             for table, state in ((NAT, nat), (FILTER, filter_))
-            if any(c != POSTROUTING_CHAIN for c in state.chains)
+            if any(c not in keep[table] for c in state.chains)
         }
         if stale:
             try:
@@ -434,18 +503,27 @@ class IpvsProxier:
         return rewritten
 
     def _cleanup_blocking(self) -> None:
-        cleanup_blocking(self._ipvs, self._host, self._journal, self._nf)
+        cleanup_blocking(
+            self._ipvs, self._host, self._journal, self._netfilters.values(), self._foreign
+        )
         self._terminations.clear()
         self._observed.clear()
         self._applied.clear()
         self._trusted = False
-        self._rules = None
+        self._rules.clear()
 
     # --- internals on the loop thread ---------------------------------------------------------
 
     async def _flush(self, matches: Sequence[UdpFlowMatch]) -> None:
-        if matches:
-            await self._conntrack(sorted(set(matches), key=lambda m: (m.ip or "", m.port)))
+        # Each family's conntrack table is flushed on its own (conntrack -f ipv4/ipv6).
+        by_family: dict[Family, set[UdpFlowMatch]] = {}
+        for match in matches:
+            families = FAMILIES if match.ip is None else (ip_family(match.ip),)
+            for family in families:
+                by_family.setdefault(family, set()).add(match)
+        for family in sorted(by_family):
+            ordered = sorted(by_family[family], key=lambda m: (m.ip or "", m.port))
+            await self._conntrack[family](ordered)
 
     def _rebuild_views(self) -> None:
         by_owner: dict[ServicePortName, list[DesiredServer]] = {}

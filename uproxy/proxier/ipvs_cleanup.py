@@ -3,9 +3,11 @@ record and the UPROXY-IPVS-* chains. Every other virtual server survives."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+
 import structlog
 
-from uproxy.kernel.ipvs import DUMMY_INTERFACE, Ipvs, IpvsHost, Worker
+from uproxy.kernel.ipvs import DUMMY_INTERFACE, Ipvs, IpvsHost, VirtualServer, Worker
 from uproxy.kernel.netfilter import Netfilter, TableUpdate, jump_target
 from uproxy.proxier.ipvs_desired import CHAIN_PREFIX, FILTER, NAT
 from uproxy.proxier.ipvs_owned import OwnedServers
@@ -38,20 +40,26 @@ def _delete_own_chains(nf: Netfilter) -> None:
 
 
 def cleanup_blocking(
-    ipvs: Ipvs | None, host: IpvsHost, journal: OwnedServers, nf: Netfilter | None
+    ipvs: Ipvs | None,
+    host: IpvsHost,
+    journal: OwnedServers,
+    netfilters: Iterable[Netfilter] = (),
+    foreign: Collection[VirtualServer] = (),
 ) -> None:
     """Delete uproxy's virtual servers, the dummy interface (with its addresses), the record
-    and the UPROXY-IPVS-* chains. Blocks; idempotent. `ipvs` None: the kernel has no IPVS."""
+    and the UPROXY-IPVS-* chains in each of `netfilters` (iptables, ip6tables). Blocks;
+    idempotent. `ipvs` None: the kernel has no IPVS.
+    `foreign`: virtual servers known to be someone else's, even on uproxy-ipvs0's addresses."""
     if ipvs is not None:
         bound = host.dummy_addresses(DUMMY_INTERFACE)
         recorded = journal.load()
         for vs in sorted(ipvs.services()):
-            if vs.ip in bound or vs in recorded:
+            if (vs.ip in bound or vs in recorded) and vs not in foreign:
                 ipvs.delete_service(vs)
     if host.delete_dummy(DUMMY_INTERFACE):
         log.info("ipvs_interface_deleted", interface=DUMMY_INTERFACE)
     journal.clear()
-    if nf is not None:
+    for nf in netfilters:
         _delete_own_chains(nf)
 
 
@@ -63,5 +71,5 @@ async def cleanup_ipvs(
     server survives. `ipvs` None: the kernel has no IPVS, so there is nothing of it to remove.
     The UPROXY-IPVS-* chains go with the sweep of every UPROXY-* chain. Idempotent; raises
     KernelError if something remains."""
-    await worker.run(cleanup_blocking, ipvs, host, journal, None)
+    await worker.run(cleanup_blocking, ipvs, host, journal)
     log.info("ipvs_cleanup_done")

@@ -12,6 +12,9 @@ Chains (all uproxy's own, never `KUBE-*`, so uproxy can sit beside a real kube-p
   filter UPROXY-PROXY-PORTS        <- INPUT (top, new connections only): dispatches on protocol
          and port range (1024 ports each) to UPROXY-PROXY-PORTS-T00 .. -U63, which send each
          proxy port to UPROXY-PROXY-GUARD.
+  filter UPROXY-PORTAL-FIREWALL    <- INPUT, FORWARD, OUTPUT (top, new connections only): drops
+         what is still addressed to a LoadBalancer IP with loadBalancerSourceRanges: its portal
+         only redirects the allowed sources, so the rest arrives here un-NATed.
   filter UPROXY-PROXY-GUARD        accepts what came through a portal (conntrack DNAT, which
          REDIRECT is too), lets node-local clients through to the admin's rules, rejects the rest.
 
@@ -56,6 +59,7 @@ from uproxy.errors import KernelError, SettingsError
 from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
 from uproxy.kernel.netfilter import (
     BackendName,
+    Family,
     Jump,
     Netfilter,
     TableUpdate,
@@ -65,6 +69,7 @@ from uproxy.kernel.netfilter import (
 from uproxy.model import Protocol, ServicePortName
 from uproxy.proxier.base import Changed
 from uproxy.proxier.portals import Portal
+from uproxy.source_ranges import allowed_sources
 from uproxy.threads import in_thread
 
 log = structlog.get_logger(__name__)
@@ -78,11 +83,13 @@ PORTALS_CONTAINER = "UPROXY-PORTALS-CONTAINER"
 NODEPORTS = "UPROXY-NODEPORTS"
 PROXY_PORTS = "UPROXY-PROXY-PORTS"
 PROXY_GUARD = "UPROXY-PROXY-GUARD"
+LB_FIREWALL = "UPROXY-PORTAL-FIREWALL"  # not the iptables mode's name: no chain is shared
 
 PORTAL_SHARDS = 64  # by destination address modulo 64 (its low 6 bits)
 PORT_SHARD_BITS = 10  # proxy ports in ranges of 1024
 PORT_SHARDS = 1 << (16 - PORT_SHARD_BITS)
 ORDERED_CHAINS = frozenset({PROXY_GUARD})
+BUILTIN_HOOKS = ("INPUT", "FORWARD", "OUTPUT")  # where the LB firewall is hooked, first
 
 GUARD_RULES = (
     f"-m conntrack --ctstate DNAT -m comment --comment {save_quote('came through a portal')} "
@@ -106,6 +113,8 @@ DesiredChains = dict[str, dict[str, list[str]]]  # table -> chain -> specs
 class RuleContext:
     dnat_to: str | None = None  # None: REDIRECT to the proxy port; else DNAT to this address
     physdev: bool = True  # whether the kernel has the physdev match
+    node_ips: tuple[str, ...] = ()  # for loadBalancerSourceRanges' allowFromNode
+    family: Family = 4  # these rules take only this family's addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +129,13 @@ def rule_comment(name: ServicePortName) -> str:
     return _COMMENT_JUNK.sub("", str(name))[:255]
 
 
-def _ipv4(addresses: Iterable[str]) -> list[str]:
-    """Unique IPv4 addresses in order; these are iptables (IPv4) rules."""
-    return of_family(addresses, 4)
+def host(ip: str) -> str:
+    """One address as a `-d`, exactly as iptables-save and ip6tables-save print it."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
 def portal_shard(ip: str) -> str:
-    return f"{PORTALS}-{int(ipaddress.IPv4Address(ip)) % PORTAL_SHARDS:02d}"
+    return f"{PORTALS}-{int(ipaddress.ip_address(ip)) % PORTAL_SHARDS:02d}"
 
 
 def proxy_port_shard(proto: str, port: int) -> str:
@@ -145,21 +154,32 @@ def portal_rules(name: ServicePortName, portal: Portal, ctx: RuleContext) -> tup
     def to(port: int) -> str:
         if ctx.dnat_to is None:
             return f"-j REDIRECT --to-ports {port}"
-        return f"-j DNAT --to-destination {ctx.dnat_to}:{port}"
+        address = f"[{ctx.dnat_to}]" if ctx.family == 6 else ctx.dnat_to
+        return f"-j DNAT --to-destination {address}:{port}"
 
     internal, external = to(portal.proxy_port), to(portal.external_port)
     physdev = " -m physdev ! --physdev-is-in" if ctx.physdev else ""
     rules: list[RuleKey] = []
-    for ip in _ipv4(svc.cluster_ips):
-        rules.append((NAT, portal_shard(ip), f"-d {ip}/32 {match(svc.port)} {internal}"))
-    for ip in _ipv4(svc.load_balancer_ips):
-        rules.append((NAT, portal_shard(ip), f"-d {ip}/32 {match(svc.port)} {external}"))
-    for ip in _ipv4(svc.external_ips):
+    family = ctx.family
+    for ip in of_family(svc.cluster_ips, family):
+        rules.append((NAT, portal_shard(ip), f"-d {host(ip)} {match(svc.port)} {internal}"))
+    sources = allowed_sources(svc, family, ctx.node_ips)
+    for ip in of_family(svc.load_balancer_ips, family):
+        if not sources:
+            rules.append((NAT, portal_shard(ip), f"-d {host(ip)} {match(svc.port)} {external}"))
+            continue
+        for net in sources:
+            # iptables-save leaves out a match on any source.
+            source = f"-s {net.with_prefixlen} " if net.prefixlen else ""
+            spec = f"{source}-d {host(ip)} {match(svc.port)} {external}"
+            rules.append((NAT, portal_shard(ip), spec))
+        rules.append((FILTER, LB_FIREWALL, f"-d {host(ip)} {match(svc.port)} -j DROP"))
+    for ip in of_family(svc.external_ips, family):
         # kube-proxy's externalIP semantics: any client when the address is one of the node's,
         # else only traffic that was not bridged (it came from outside, routed to this node).
-        local = f"-d {ip}/32 {match(svc.port)} -m addrtype --dst-type LOCAL {external}"
+        local = f"-d {host(ip)} {match(svc.port)} -m addrtype --dst-type LOCAL {external}"
         rules.append((NAT, portal_shard(ip), local))
-        outside = f"-d {ip}/32 {match(svc.port)}{physdev} {external}"
+        outside = f"-d {host(ip)} {match(svc.port)}{physdev} {external}"
         rules.append((NAT, PORTALS_CONTAINER, outside))
     if svc.node_port:
         rules.append((NAT, NODEPORTS, f"{match(svc.node_port)} {external}"))
@@ -169,16 +189,24 @@ def portal_rules(name: ServicePortName, portal: Portal, ctx: RuleContext) -> tup
     return tuple(rules)
 
 
-def nodeport_destinations(nodeport_addresses: Sequence[str]) -> list[str | None]:
-    """The `-d` of each NodePort jump: None (any local address) unless CIDRs restrict it."""
+def nodeport_destinations(
+    nodeport_addresses: Sequence[str], family: Family = 4
+) -> list[str | None]:
+    """The `-d` of each NodePort jump: None (any local address) unless CIDRs restrict it.
+
+    Each family takes its own CIDRs; with CIDRs of the other family only, none: no NodePorts.
+    """
     if not nodeport_addresses:
         return [None]
     cidrs = [normalize_cidr(c) for c in nodeport_addresses]
-    v4 = [c for c in cidrs if ipaddress.ip_network(c).version == 4]
-    return [None] if "0.0.0.0/0" in v4 else list(dict.fromkeys(v4))
+    mine = [c for c in cidrs if ipaddress.ip_network(c).version == family]
+    everything = "::/0" if family == 6 else "0.0.0.0/0"
+    return [None] if everything in mine else list(dict.fromkeys(mine))
 
 
-def ruleset_jumps(nodeport_addresses: Sequence[str] = ()) -> dict[str, tuple[Jump, ...]]:
+def ruleset_jumps(
+    nodeport_addresses: Sequence[str] = (), family: Family = 4
+) -> dict[str, tuple[Jump, ...]]:
     portals = "uproxy service portals"
     nodeports = "uproxy service NodePorts; must be last"
     nat = [
@@ -189,19 +217,29 @@ def ruleset_jumps(nodeport_addresses: Sequence[str] = ()) -> dict[str, tuple[Jum
     for chain in ("PREROUTING", "OUTPUT"):
         nat += [
             Jump(chain, NODEPORTS, nodeports, first=False, destination=d, dst_local=True)
-            for d in nodeport_destinations(nodeport_addresses)
+            for d in nodeport_destinations(nodeport_addresses, family)
         ]
+    # Not the iptables mode's comment: a switch of modes then re-inserts its jumps in order.
+    firewall = "uproxy portals load balancer firewall"
+    filter_ = [Jump(hook, LB_FIREWALL, firewall, new_only=True) for hook in BUILTIN_HOOKS]
     # New connections only: established traffic to the node skips the whole walk.
-    proxy_ports = Jump("INPUT", PROXY_PORTS, "uproxy proxy ports", new_only=True)
-    return {NAT: tuple(nat), FILTER: (proxy_ports,)}
+    filter_.append(Jump("INPUT", PROXY_PORTS, "uproxy proxy ports", new_only=True))
+    return {NAT: tuple(nat), FILTER: tuple(filter_)}
 
 
-def empty_chains() -> DesiredChains:
+def shard_match(k: int, family: Family) -> str:
+    """The destinations of shard `k`: those whose low 6 bits are `k`, as the save tools print."""
+    if family == 6:
+        return f"-d ::{k:x}/::{PORTAL_SHARDS - 1:x}" if k else f"-d ::/::{PORTAL_SHARDS - 1:x}"
+    return f"-d 0.0.0.{k}/0.0.0.{PORTAL_SHARDS - 1}"
+
+
+def empty_chains(family: Family = 4) -> DesiredChains:
     """Every chain uproxy owns, with its static rules: shard dispatch and the guard."""
     nat: dict[str, list[str]] = {PORTALS: []}
     for k in range(PORTAL_SHARDS):
         shard = f"{PORTALS}-{k:02d}"
-        nat[PORTALS].append(f"-d 0.0.0.{k}/0.0.0.{PORTAL_SHARDS - 1} -j {shard}")
+        nat[PORTALS].append(f"{shard_match(k, family)} -j {shard}")
         nat[shard] = []
     nat[PORTALS_CONTAINER] = []
     nat[NODEPORTS] = []
@@ -213,33 +251,37 @@ def empty_chains() -> DesiredChains:
             filter_[PROXY_PORTS].append(f"-p {proto} -m {proto} --dport {low}:{high} -j {shard}")
             filter_[shard] = []
     filter_[PROXY_GUARD] = list(GUARD_RULES)
+    filter_[LB_FIREWALL] = []
     return {NAT: nat, FILTER: filter_}
 
 
-def assemble(rendered: Iterable[tuple[RuleKey, ...]]) -> DesiredChains:
-    chains = empty_chains()
+def assemble(rendered: Iterable[tuple[RuleKey, ...]], family: Family = 4) -> DesiredChains:
+    chains = empty_chains(family)
     for rules in rendered:
         for table, chain, spec in rules:
             chains[table][chain].append(spec)
     return chains
 
 
-def rule_context(bind_address: str, physdev: bool) -> RuleContext:
-    """REDIRECT for a wildcard bind address; DNAT to a specific one (kube-proxy's choice)."""
+def rule_context(
+    bind_address: str, physdev: bool, node_ips: tuple[str, ...] = (), family: Family = 4
+) -> RuleContext:
+    """REDIRECT for a wildcard bind address (either family's: each family's listeners bind their
+    own wildcard); DNAT to a specific one (kube-proxy's choice), which serves its family only."""
     ip = ipaddress.ip_address(bind_address)
     if ip.is_unspecified:
-        return RuleContext(None, physdev)
+        return RuleContext(None, physdev, node_ips, family)
     if ip.is_loopback:
         raise SettingsError(
             f"--bind-address {bind_address}: portals cannot reach a loopback listener from "
             "other machines; bind a node address or 0.0.0.0 (or use --no-portals)"
         )
-    if ip.version != 4:
+    if ip.version != family:
         raise SettingsError(
-            f"--bind-address {bind_address}: portals are IPv4 iptables rules; bind an IPv4 "
-            "address or 0.0.0.0 (or use --no-portals)"
+            f"--bind-address {bind_address}: IPv{family} portals cannot DNAT to an "
+            f"IPv{ip.version} address; bind an IPv{family} address, 0.0.0.0 or ::"
         )
-    return RuleContext(str(ip), physdev)
+    return RuleContext(str(ip), physdev, node_ips, family)
 
 
 def compute_rules(
@@ -248,11 +290,13 @@ def compute_rules(
     bind_address: str = "0.0.0.0",
     nodeport_addresses: Sequence[str] = (),
     physdev: bool = True,
+    node_ips: tuple[str, ...] = (),
+    family: Family = 4,
 ) -> Ruleset:
     """The complete desired state for `portals`; pure, for tests and the full sync alike."""
-    ctx = rule_context(bind_address, physdev)
+    ctx = rule_context(bind_address, physdev, node_ips, family)
     rendered = (portal_rules(name, portals[name], ctx) for name in sorted(portals))
-    return Ruleset(assemble(rendered), ruleset_jumps(nodeport_addresses))
+    return Ruleset(assemble(rendered, family), ruleset_jumps(nodeport_addresses, family))
 
 
 def diff_chains(
@@ -309,23 +353,72 @@ def incremental_updates(changes: Iterable[Change]) -> dict[str, TableUpdate]:
     }
 
 
-def udp_destinations(portals: Mapping[ServicePortName, Portal]) -> dict[UdpFlowMatch, int]:
-    """Every UDP virtual destination (address or NodePort) -> the proxy port it leads to."""
+def udp_destinations(
+    portals: Mapping[ServicePortName, Portal], family: Family = 4
+) -> dict[UdpFlowMatch, int]:
+    """Every UDP virtual destination (address or NodePort) of `family` -> the proxy port it leads
+    to (a NodePort's match has no address: the family's own flusher applies it)."""
     out: dict[UdpFlowMatch, int] = {}
     for portal in portals.values():
         svc = portal.service
         if svc.protocol != Protocol.UDP:
             continue
-        for ip in _ipv4(svc.cluster_ips):
+        for ip in of_family(svc.cluster_ips, family):
             out[UdpFlowMatch.destination(ip, svc.port)] = portal.proxy_port
-        for ip in _ipv4((*svc.load_balancer_ips, *svc.external_ips)):
+        for ip in of_family((*svc.load_balancer_ips, *svc.external_ips), family):
             out[UdpFlowMatch.destination(ip, svc.port)] = portal.external_port
         if svc.node_port:
             out[UdpFlowMatch.destination(None, svc.node_port)] = portal.external_port
     return out
 
 
+def tcp_destinations(
+    portals: Mapping[ServicePortName, Portal], family: Family = 4
+) -> list[UdpFlowMatch]:
+    """The un-NATed TCP entries to every TCP ClusterIP and LoadBalancer IP: nothing but a portal
+    answers those. NodePorts and externalIPs are real addresses, whose direct connections are
+    not the portals' to judge."""
+    out: list[UdpFlowMatch] = []
+    for portal in portals.values():
+        svc = portal.service
+        if svc.protocol == Protocol.TCP:
+            ips = of_family((*svc.cluster_ips, *svc.load_balancer_ips), family)
+            out += [UdpFlowMatch.tcp_without_nat(ip, svc.port) for ip in ips]
+    return out
+
+
+_DESTINATION = re.compile(r"(?:^| )-d (\S+)/(?:32|128) ")
+_TCP_PORTAL = re.compile(
+    r"-p tcp .*--dport (\d+) -j (?:REDIRECT --to-ports (\d+)|DNAT --to-destination \S+:(\d+))$"
+)
+
+
+def tcp_redirects(chains: Mapping[str, Sequence[str]]) -> set[tuple[str | None, int, int]]:
+    """(address, port, proxy port) of every TCP portal in uproxy's nat chains as the kernel has
+    them; the address is None for a NodePort (it matches any local address)."""
+    found: set[tuple[str | None, int, int]] = set()
+    for specs in chains.values():
+        for spec in specs:
+            portal = _TCP_PORTAL.search(spec)
+            if portal is None:
+                continue
+            destination = _DESTINATION.search(spec)
+            to = portal.group(2) or portal.group(3)
+            ip = destination.group(1) if destination else None
+            found.add((ip, int(portal.group(1)), int(to)))
+    return found
+
+
 # -- the stateful part: converging the kernel ------------------------------------------------
+
+PROBE = "UPROXY-PROBE"
+
+
+def check_usable(netfilter: Netfilter) -> None:
+    """KernelError unless `netfilter` can hold uproxy's chains in both tables (a kernel without
+    IPv6 NAT refuses the ip6 nat table): created and removed in one commit, nothing left."""
+    probe = TableUpdate(replace={PROBE: []}, delete_chains=[PROBE])
+    netfilter.apply({table: probe for table in TABLES})
 
 
 @dataclass
@@ -354,10 +447,12 @@ class NetfilterPortals:
         physdev: bool,
         other_backends: Sequence[Netfilter],
         clock: Callable[[], float] = time.monotonic,
+        node_ips: tuple[str, ...] = (),
     ) -> None:
         self._nf = netfilter
-        self._ctx = rule_context(bind_address, physdev)
-        self._jumps = ruleset_jumps(nodeport_addresses)
+        self._family = netfilter.family
+        self._ctx = rule_context(bind_address, physdev, node_ips, self._family)
+        self._jumps = ruleset_jumps(nodeport_addresses, self._family)
         self._resync_period = resync_period
         self._conntrack = conntrack
         self._others = other_backends
@@ -372,11 +467,19 @@ class NetfilterPortals:
         # Each UDP portal's virtual destinations -> the proxy port they lead to; None when a
         # previous run's flows may still point at its dead proxy ports.
         self._udp: dict[ServicePortName, dict[UdpFlowMatch, int]] | None = None
+        # (address or None for a NodePort, port, proxy port) of a previous run's TCP portals,
+        # read before flush_at_start empties its chains: their conntrack entries go at the
+        # first sync.
+        self._dead_tcp: set[tuple[str | None, int, int]] = set()
         self._others_cleaned = False
 
     @property
     def backend(self) -> BackendName:
         return self._nf.backend
+
+    @property
+    def family(self) -> Family:
+        return self._family
 
     async def sync(
         self, portals: Mapping[ServicePortName, Portal], changed: Changed = None
@@ -398,7 +501,12 @@ class NetfilterPortals:
                     mode = "incremental"
                 except KernelError as exc:
                     # Someone changed uproxy's chains behind its back: read them and converge.
-                    log.warning("portals_incremental_failed", error=str(exc), action="full sync")
+                    log.warning(
+                        "portals_incremental_failed",
+                        family=self._family,
+                        error=str(exc),
+                        action="full sync",
+                    )
                     stats = await self._full(trusted=False)
                     self._last_full = started
                     mode = "full"
@@ -409,6 +517,7 @@ class NetfilterPortals:
                 "portals_synced",
                 mode=mode,
                 backend=self._nf.backend,
+                family=self._family,
                 portals=len(portals),
                 rules_added=stats.added,
                 rules_removed=stats.removed,
@@ -426,7 +535,7 @@ class NetfilterPortals:
         async with self._lock:
             self._forget()
             await in_thread(self._nf.delete_everything)
-            log.info("portals_cleaned", backend=self._nf.backend)
+            log.info("portals_cleaned", backend=self._nf.backend, family=self._family)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -488,12 +597,13 @@ class NetfilterPortals:
         return stats
 
     async def _full(self, trusted: bool) -> _Stats:
-        desired = assemble(rules for _, rules in self._rendered.values())
+        desired = assemble((rules for _, rules in self._rendered.values()), self._family)
         stats = await in_thread(self._converge, desired)
         if trusted and (stats.added or stats.removed or stats.notes):
             log.warning(
                 "portals_drift_repaired",
                 backend=self._nf.backend,
+                family=self._family,
                 rules_added=stats.added,
                 rules_removed=stats.removed,
                 other=stats.notes,
@@ -533,6 +643,8 @@ class NetfilterPortals:
         updates = {}
         for table in TABLES:
             chains = self._nf.read(table).chains
+            if table == NAT:
+                self._dead_tcp = tcp_redirects(chains)
             if chains:
                 updates[table] = TableUpdate(replace={chain: [] for chain in chains})
         self._nf.apply(updates)
@@ -552,7 +664,8 @@ class NetfilterPortals:
         keep the NAT decision of their first datagram for as long as the client keeps talking."""
         known = self._udp
         if known is None or changed is None:
-            fresh = {name: udp_destinations({name: p}) for name, p in portals.items()}
+            family = self._family
+            fresh = {name: udp_destinations({name: p}, family) for name, p in portals.items()}
             fresh = {name: dests for name, dests in fresh.items() if dests}
             if known is None:  # a previous run's flows point at its dead proxy ports
                 stale = [m for dests in fresh.values() for m in dests]
@@ -564,13 +677,28 @@ class NetfilterPortals:
             for name in changed:
                 before = known.pop(name, {})
                 portal = portals.get(name)
-                after = udp_destinations({name: portal}) if portal is not None else {}
+                after = udp_destinations({name: portal}, self._family) if portal is not None else {}
                 if after:
                     known[name] = after
                 stale += _moved(before, after)
+        if known is None:  # TCP connections made before these portals were in had no NAT
+            stale += tcp_destinations(portals, self._family)
+            # ...and those a previous run steered to its proxy ports are refused there.
+            live = {
+                port
+                for p in portals.values()
+                if p.service.protocol == Protocol.TCP
+                for port in (p.proxy_port, p.external_port)
+            }
+            stale += [
+                UdpFlowMatch.tcp_redirected(ip, port, dead)
+                for ip, port, dead in sorted(self._dead_tcp, key=str)
+                if dead not in live
+            ]
+            self._dead_tcp = set()
         if stale:
             unique = set(stale)
-            await self._conntrack(sorted(unique, key=lambda m: (m.ip or "", m.port)))
+            await self._conntrack(sorted(unique, key=lambda m: (m.ip or "", m.port, m.tcp)))
 
 
 def _flat(

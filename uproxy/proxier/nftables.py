@@ -29,7 +29,7 @@ from uproxy.endpoints import EndpointSelection, categorize_endpoints
 from uproxy.errors import KernelError
 from uproxy.kernel.conntrack import UdpFlowCleaner, UdpFlowMatch
 from uproxy.kernel.nft import Chain, Element, Listing, Map, Nft, Rule, Set, Transaction
-from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
+from uproxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
 from uproxy.proxier.base import Changed, PortView, SyncCounters
 from uproxy.proxier.nftables_rules import (
     NatConfig,
@@ -38,6 +38,7 @@ from uproxy.proxier.nftables_rules import (
     static_chains,
     static_maps,
 )
+from uproxy.proxier.udp_flows import stale_udp_flows
 from uproxy.threads import in_thread
 
 log = structlog.get_logger(__name__)
@@ -49,6 +50,7 @@ class _Rendered:
     endpoints: tuple[Endpoint, ...]
     selection: EndpointSelection
     objects: PortObjects
+    node_zone: str  # topology hints are judged against it
 
 
 @dataclass
@@ -171,11 +173,17 @@ class NftablesProxier:
         family = self._config.family
         endpoints = tuple(e for e in state.endpoints.get(name, ()) if _family(e.ip) == family)
         old = self._rendered.get(name)
-        if old is not None and old.service == service and old.endpoints == endpoints:
+        zone = state.node_zone
+        if (
+            old is not None
+            and old.service == service
+            and old.endpoints == endpoints
+            and old.node_zone == zone
+        ):
             return
-        selection = categorize_endpoints(endpoints, service, self._node_name)
+        selection = categorize_endpoints(endpoints, service, self._node_name, zone)
         objects = render_port(service, selection, self._config)
-        self._rendered[name] = _Rendered(service, endpoints, selection, objects)
+        self._rendered[name] = _Rendered(service, endpoints, selection, objects, zone)
 
     async def _full(self, trusted: bool) -> None:
         listing = await in_thread(self._nft.listing)
@@ -280,32 +288,6 @@ class NftablesProxier:
             matches |= stale_udp_flows(None if first else old, new)
         if matches:
             await self._conntrack(sorted(matches, key=lambda m: (m.ip or "", m.port, m.reply)))
-
-
-def stale_udp_flows(old: _Rendered | None, new: _Rendered | None) -> set[UdpFlowMatch]:
-    """The UDP conntrack entries a change leaves pointing the wrong way: flows answered by an
-    endpoint that is gone, and flows to virtual addresses that had no endpoint until now."""
-    matches: set[UdpFlowMatch] = set()
-    for rendered in (old, new):
-        if rendered is not None and rendered.service.protocol is not Protocol.UDP:
-            return matches
-    if old is not None:
-        kept = set(new.selection.reachable) if new is not None else set()
-        matches |= {
-            UdpFlowMatch.endpoint(e.ip, e.port) for e in old.selection.reachable if e not in kept
-        }
-    if new is not None:
-        svc, sel = new.service, new.selection
-        had_internal = old is not None and bool(old.selection.internal)
-        had_external = old is not None and bool(old.selection.external)
-        if sel.internal and not had_internal:
-            matches |= {UdpFlowMatch.destination(ip, svc.port) for ip in svc.cluster_ips}
-        if sel.external and not had_external:
-            external = (*svc.external_ips, *svc.load_balancer_ips)
-            matches |= {UdpFlowMatch.destination(ip, svc.port) for ip in external}
-            if svc.node_port:
-                matches.add(UdpFlowMatch.destination(None, svc.node_port))
-    return matches
 
 
 def _family(ip: str) -> int:

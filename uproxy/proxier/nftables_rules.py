@@ -11,6 +11,9 @@ The structure is kube-proxy's nftables mode, in uproxy's own table `ip uproxy`:
                                                keep the client's address (Local policy)
   endpoint-<hash>-<ns>/<name>/<proto>/<ip>/<port>   hairpin masquerade, affinity, DNAT
   affinity-<hash>-...                          per endpoint, a dynamic set of client addresses
+  firewall-<hash>-...                          loadBalancerSourceRanges: drop other sources
+  filter-prerouting / filter-output (before DNAT) -> firewall-check:
+      ip daddr . meta l4proto . th dport vmap @firewall-ips      LB IPs with source ranges
   filter-input / filter-forward / filter-output -> service-endpoints-check:
       service ports with no endpoint: rejected at once (`reject-chain`), or dropped when
       endpoints exist but none this traffic may use (kube-proxy's choice)
@@ -32,6 +35,7 @@ from uproxy.addresses import of_family
 from uproxy.endpoints import EndpointSelection, externally_accessible
 from uproxy.kernel.nft import Chain, Element, Map, Set
 from uproxy.model import Endpoint, Protocol, ServicePort
+from uproxy.source_ranges import Network, allowed_sources
 
 MASQ_MARK = "0x4000"
 
@@ -41,6 +45,8 @@ SERVICE_NODEPORTS = "service-nodeports"
 NO_ENDPOINT_SERVICES = "no-endpoint-services"
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 ENDPOINTS_CHECK = "service-endpoints-check"
+FIREWALL_IPS = "firewall-ips"
+FIREWALL_CHECK = "firewall-check"
 MARK_MASQ = "mark-for-masquerade"
 MASQUERADING = "masquerading"
 REJECT = "reject-chain"
@@ -60,6 +66,7 @@ class NatConfig:
     nodeport_addresses: tuple[str, ...] = ()  # CIDRs; empty: every local address
     fully_random: bool = True  # masquerade's port choice
     family: int = 4  # which table this is: 4 (`ip uproxy`) or 6 (`ip6 uproxy`)
+    node_ips: tuple[str, ...] = ()  # for loadBalancerSourceRanges' allowFromNode
 
     @property
     def keyword(self) -> str:
@@ -106,6 +113,7 @@ class _Names:
         self.cluster = f"service-{self.hash}-{self.base}"
         self.local = f"local-{self.hash}-{self.base}"
         self.external = f"external-{self.hash}-{self.base}"
+        self.firewall = f"firewall-{self.hash}-{self.base}"
 
     def endpoint(self, endpoint: Endpoint) -> str:
         ip = _identifier(endpoint.ip)
@@ -199,6 +207,11 @@ def render_port(
             rules_ext = (f"jump {MARK_MASQ}", f"goto {names.cluster}")
         chains.append((names.external, rules_ext))
 
+    # kube-proxy's nftables mode firewalls LB IPs whether or not the port has endpoints.
+    sources = allowed_sources(service, config.family, config.node_ips)
+    if sources:
+        chains.append((names.firewall, (f"{kw} saddr != {{ {_nft_sources(sources)} }} drop",)))
+
     elements: list[Element] = []
 
     def no_endpoint_verdict() -> str:
@@ -216,6 +229,10 @@ def render_port(
             elements.append(Element(SERVICE_IPS, key, f"goto {names.external}"))
         else:
             elements.append(Element(NO_ENDPOINT_SERVICES, key, no_endpoint_verdict()))
+    if sources:
+        for ip in of_family(service.load_balancer_ips, config.family):
+            key = f"{ip} . {proto} . {service.port}"
+            elements.append(Element(FIREWALL_IPS, key, f"goto {names.firewall}"))
     if service.node_port:
         key = f"{proto} . {service.node_port}"
         if selection.external:
@@ -223,6 +240,13 @@ def render_port(
         else:
             elements.append(Element(NO_ENDPOINT_NODEPORTS, key, no_endpoint_verdict()))
     return PortObjects(tuple(chains), tuple(sets), tuple(elements))
+
+
+def _nft_sources(sources: Sequence[Network]) -> str:
+    """An anonymous set's elements: networks, and single addresses as plain addresses."""
+    return ", ".join(
+        str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in sources
+    )
 
 
 # -- what every table has ----------------------------------------------------------------------
@@ -234,6 +258,7 @@ def static_maps(config: NatConfig) -> tuple[Map, ...]:
         Map(SERVICE_NODEPORTS, _PORT_MAP),
         Map(NO_ENDPOINT_SERVICES, config.address_map()),
         Map(NO_ENDPOINT_NODEPORTS, _PORT_MAP),
+        Map(FIREWALL_IPS, config.address_map()),
     )
 
 
@@ -286,6 +311,15 @@ def static_chains(config: NatConfig) -> tuple[tuple[Chain, tuple[str, ...]], ...
             ),
         ),
         (
+            Chain(FIREWALL_CHECK),
+            (f"{config.keyword} daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}",),
+        ),
+        # Before DNAT (dstnat - 10), as kube-proxy: the destination is still the LB IP.
+        (
+            Chain("filter-prerouting", "type filter hook prerouting priority -110; policy accept;"),
+            (f"ct state new jump {FIREWALL_CHECK}",),
+        ),
+        (
             Chain("nat-prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
             (f"jump {SERVICES}",),
         ),
@@ -300,7 +334,10 @@ def static_chains(config: NatConfig) -> tuple[tuple[Chain, tuple[str, ...]], ...
         *(
             (
                 Chain(f"filter-{hook}", f"type filter hook {hook} priority -110; policy accept;"),
-                (f"ct state new jump {ENDPOINTS_CHECK}",),
+                (
+                    *((f"ct state new jump {FIREWALL_CHECK}",) if hook == "output" else ()),
+                    f"ct state new jump {ENDPOINTS_CHECK}",
+                ),
             )
             for hook in ("input", "forward", "output")
         ),

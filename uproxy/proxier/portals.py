@@ -2,16 +2,20 @@
 
 The userspace proxier owns the listeners and hands the complete desired set of portals to a
 `Portals` implementation after every sync; the implementation converges the kernel to it.
+A portal names one proxy port per traffic kind for every family: a service port's IPv4 and IPv6
+listeners share their port numbers, so each family's portals (`PerFamilyPortals`) take the same
+portal and render only their own family's addresses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from uproxy.model import ServicePort, ServicePortName
-from uproxy.proxier.base import Changed
+from uproxy.proxier.base import Changed, each_then_first_failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +67,29 @@ class NoPortals:
 
     async def cleanup(self) -> None:
         return None
+
+
+class PerFamilyPortals:
+    """One `Portals` per IP family behind one: every call goes to each family's, in order.
+
+    Each family syncs even when another fails, so one family's trouble never holds back the
+    other's changes; the first failure is raised for the runner to retry.
+    """
+
+    def __init__(self, families: Sequence[Portals]) -> None:
+        self._families = tuple(families)
+
+    async def flush_at_start(self) -> None:
+        for portals in self._families:
+            await portals.flush_at_start()
+
+    async def sync(
+        self, portals: Mapping[ServicePortName, Portal], changed: Changed = None
+    ) -> None:
+        await each_then_first_failure(
+            [functools.partial(family.sync, portals, changed) for family in self._families]
+        )
+
+    async def cleanup(self) -> None:
+        for portals in self._families:
+            await portals.cleanup()

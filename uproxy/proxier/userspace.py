@@ -1,51 +1,126 @@
 """The userspace proxier: one listener per service port, portals steering virtual IPs to them.
 
 A sync touches only what changed: a service port keeps its listener (and so its proxy port and
-its connections) across every change except a change of protocol; endpoint changes only reach
-its balancer. A removed port stops accepting while its established connections finish.
+its connections) across every change except a change of protocol or of address families;
+endpoint changes only reach its balancer. A removed port stops accepting while its established
+connections finish.
+
+IP families, as kube-proxy's per-family proxiers: a wildcard bind address serves both (IPv4
+listeners on 0.0.0.0, IPv6 ones on ::), a specific one its own family. A service port gets one
+listener per served family it has virtual addresses in, all on one proxy port (so one portal
+serves every family), each balancing over its own family's endpoints only. A service port with
+no virtual address in a served family gets one listener on the bind address that balances over
+all its endpoints: reached on its proxy port directly (a sidecar), it bridges families.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import random
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
 
 import structlog
 
+from uproxy.addresses import of_family
 from uproxy.balancer import LoadBalancer
-from uproxy.dataplane.sockopt import family_of
-from uproxy.dataplane.stats import PortStats
+from uproxy.dataplane.sockopt import ipv6_available
+from uproxy.dataplane.stats import PortStats, sum_stats
 from uproxy.dataplane.tcp import TcpListener, open_tcp_socket
+from uproxy.dataplane.tcp_options import TcpOptions
 from uproxy.dataplane.udp import UdpListener, open_udp_socket
 from uproxy.endpoints import categorize_endpoints, external_endpoints_differ
 from uproxy.errors import UproxyError
+from uproxy.kernel.netfilter import Family
 from uproxy.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName
 from uproxy.proxier.base import Changed, PortView
 from uproxy.proxier.portals import Portal, Portals
 
 log = structlog.get_logger(__name__)
 
-Listener = TcpListener | UdpListener
+
+class Listener(TypingProtocol):
+    """What the proxier needs of a listener: TcpListener, UdpListener, or (with --workers) the
+    main process's stand-in that only holds the sockets its workers accept on."""
+
+    @property
+    def port(self) -> int: ...
+    @property
+    def balancer(self) -> LoadBalancer: ...
+    @property
+    def stats(self) -> PortStats: ...
+    @property
+    def per_endpoint(self) -> dict[Endpoint, int]: ...
+    @property
+    def connections(self) -> int: ...
+    def stop_accepting(self) -> None: ...
+    async def wait_idle(self) -> None: ...
+    def abort_all(self) -> None: ...
+
+
+# (service, proxy port to try, "cluster" or "external", its balancer) -> a listener, or OSError.
+ListenerFactory = Callable[[ServicePort, int, str, LoadBalancer], Listener]
 
 
 class ListenerStartError(UproxyError):
     """Some service ports could not get a listener this sync; the others are in force."""
 
 
+def served_families(bind_address: str) -> tuple[Family, ...]:
+    """The families listeners serve: both for a wildcard bind address, else its own."""
+    ip = ipaddress.ip_address(bind_address)
+    if ip.is_unspecified:
+        return (4, 6)
+    return (6,) if ip.version == 6 else (4,)
+
+
+def family_address(bind_address: str, family: Family) -> str:
+    """Where `family`'s listeners bind: that family's wildcard, or the specific address."""
+    if ipaddress.ip_address(bind_address).is_unspecified:
+        return "::" if family == 6 else "0.0.0.0"
+    return bind_address
+
+
+def _family(ip: str) -> Family:
+    return 6 if ":" in ip else 4
+
+
+_SOCKET_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+KERNEL_PORT_TRIES = 8  # kernel-chosen ports: one free in every family is found in a few tries
+
+Listeners = dict[Family, Listener]  # one per family, all on one port
+
+
 @dataclass(slots=True)
 class _ServicePortState:
     service: ServicePort
-    listener: Listener
-    # A second listener for external traffic when externalTrafficPolicy is Local.
-    external: Listener | None = None
+    cluster: Listeners
+    # Second listeners for external traffic when externalTrafficPolicy is Local.
+    external_by_family: Listeners = dataclasses.field(default_factory=dict)
     endpoints: tuple[Endpoint, ...] = ()  # every known endpoint, usable or not
+    # False: no virtual address of a served family; the one listener takes every endpoint.
+    own_family: bool = True
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        return tuple(self.cluster)
+
+    @property
+    def listener(self) -> Listener:
+        return next(iter(self.cluster.values()))
+
+    @property
+    def external(self) -> Listener | None:
+        return next(iter(self.external_by_family.values()), None)
 
     @property
     def listeners(self) -> tuple[Listener, ...]:
-        return (self.listener,) if self.external is None else (self.listener, self.external)
+        return (*self.cluster.values(), *self.external_by_family.values())
 
     def portal(self) -> Portal:
         external = None if self.external is None else self.external.port
@@ -58,15 +133,6 @@ def _needs_external_listener(service: ServicePort) -> bool:
     return external_endpoints_differ(service)
 
 
-def _sum_stats(listeners: tuple[Listener, ...]) -> PortStats:
-    if len(listeners) == 1:
-        return listeners[0].stats
-    total = PortStats()
-    for field in fields(PortStats):
-        setattr(total, field.name, sum(getattr(lst.stats, field.name) for lst in listeners))
-    return total
-
-
 class PortAllocator:
     """Hands out proxy ports from --proxy-port-range; None lets the kernel choose."""
 
@@ -76,7 +142,7 @@ class PortAllocator:
 
     def candidates(self) -> list[int]:
         if self._range is None:
-            return [0]
+            return [0] * KERNEL_PORT_TRIES
         low, high = self._range
         free = [p for p in range(low, high + 1) if p not in self._used]
         random.shuffle(free)
@@ -90,6 +156,24 @@ class PortAllocator:
         self._used.discard(port)
 
 
+def listen_on(
+    sock: socket.socket,
+    service: ServicePort,
+    balancer: LoadBalancer,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    tcp_options: TcpOptions,
+    udp_timeout: float,
+    udp_max_sessions: int,
+) -> Listener:
+    """The listener of one service port on a bound socket (this process's or a handed one)."""
+    if service.protocol is Protocol.TCP:
+        return TcpListener(service.name, sock, balancer, loop, tcp_options)
+    return UdpListener(
+        service.name, sock, balancer, loop, timeout=udp_timeout, max_sessions=udp_max_sessions
+    )
+
+
 class UserspaceProxier:
     def __init__(
         self,
@@ -101,15 +185,25 @@ class UserspaceProxier:
         udp_max_sessions: int,
         portals: Portals,
         balancer_factory: Callable[[], LoadBalancer] = LoadBalancer,
+        listener_factory: ListenerFactory | None = None,
+        tcp_options: TcpOptions | None = None,
     ) -> None:
+        self._tcp_options = tcp_options or TcpOptions()
         self._bind_address = bind_address
-        self._family = family_of(bind_address)
+        own: Family = 6 if ipaddress.ip_address(bind_address).version == 6 else 4
+        # A listener factory binds the bind address itself: its family only.
+        self._families = served_families(bind_address) if listener_factory is None else (own,)
+        if 6 in self._families and len(self._families) > 1 and not ipv6_available():
+            log.warning("ipv6_unavailable", family=6, action="IPv4 listeners only")
+            self._families = (4,)
+        self._own_family: Family = own if own in self._families else self._families[0]
         self._ports = PortAllocator(port_range)
         self._node_name = node_name
         self._udp_timeout = udp_timeout
         self._udp_max_sessions = udp_max_sessions
         self._portals = portals
         self._balancer_factory = balancer_factory
+        self._listener_factory = listener_factory
         self._active: dict[ServicePortName, _ServicePortState] = {}
         # The portal of every active service port, kept up to date as ports change.
         self._portals_wanted: dict[ServicePortName, Portal] = {}
@@ -133,20 +227,26 @@ class UserspaceProxier:
                     self._retire(name, "service port removed")
                 continue
             current = self._active.get(name)
+            families, own_family = self._families_of(service)
             if current is not None and current.service.protocol != service.protocol:
                 self._retire(name, "protocol changed")
                 current = None
+            if current is not None and current.families != families:
+                self._retire(name, "address families changed")
+                current = None
             try:
                 if current is None:
-                    current = self._active[name] = _ServicePortState(service, self._start(service))
+                    listeners = self._start(service, families)
+                    current = self._active[name] = _ServicePortState(service, listeners)
                 current.service = service
+                current.own_family = own_family
                 self._converge_external(current)
             except OSError as exc:
                 log.error("listener_failed", service=str(name), error=str(exc))
                 failed.append(f"{name}: {exc}")
                 if current is None:
                     continue
-            self._update_endpoints(current, state.endpoints.get(name, ()))
+            self._update_endpoints(current, state.endpoints.get(name, ()), state.node_zone)
             self._portals_wanted[name] = current.portal()
         for name in names:
             if name not in self._active:
@@ -198,64 +298,119 @@ class UserspaceProxier:
             per_endpoint=per_endpoint,
             connections=sum(lst.connections for lst in listeners),
             affinity_entries=sum(lst.balancer.affinity_entries for lst in listeners),
-            stats=_sum_stats(listeners),
+            stats=listeners[0].stats
+            if len(listeners) == 1
+            else sum_stats(lst.stats for lst in listeners),
+            ejected=frozenset().union(*(lst.balancer.ejected for lst in listeners)),
+            ejections=sum(lst.balancer.ejections for lst in listeners),
         )
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _start(self, service: ServicePort, traffic: str = "cluster") -> Listener:
+    def _families_of(self, service: ServicePort) -> tuple[tuple[Family, ...], bool]:
+        """(the families `service` gets listeners of, whether each takes only its own family's
+        endpoints)."""
+        addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
+        families = tuple(f for f in self._families if of_family(addresses, f))
+        return (families, True) if families else ((self._own_family,), False)
+
+    def _start(
+        self, service: ServicePort, families: tuple[Family, ...], traffic: str = "cluster"
+    ) -> Listeners:
+        """One listener per family, all on one port."""
         loop = asyncio.get_running_loop()
         last_error: OSError | None = None
         for port in self._ports.candidates():
             try:
-                listener = self._open(service, port, loop)
+                if self._listener_factory is None:
+                    listeners = self._open(service, port, families, loop)
+                else:
+                    balancer = self._balancer_factory()
+                    factory = self._listener_factory
+                    listeners = {families[0]: factory(service, port, traffic, balancer)}
             except OSError as exc:
                 last_error = exc
                 continue
-            self._ports.claim(listener.port)
-            log.info(
-                "listener_started" if traffic == "cluster" else "external_listener_started",
-                service=str(service.name),
-                protocol=service.protocol.value,
-                address=self._bind_address,
-                port=listener.port,
-            )
-            return listener
+            for family, listener in listeners.items():
+                self._ports.claim(listener.port)
+                log.info(
+                    "listener_started" if traffic == "cluster" else "external_listener_started",
+                    service=str(service.name),
+                    protocol=service.protocol.value,
+                    family=family,
+                    address=family_address(self._bind_address, family),
+                    port=listener.port,
+                )
+            return listeners
         raise last_error or OSError("no free port in --proxy-port-range")
 
-    def _open(self, service: ServicePort, port: int, loop: asyncio.AbstractEventLoop) -> Listener:
-        balancer = self._balancer_factory()
-        if service.protocol is Protocol.TCP:
-            sock = open_tcp_socket(self._bind_address, port, self._family)
-            return TcpListener(service.name, sock, balancer, loop)
-        sock = open_udp_socket(self._bind_address, port, self._family)
-        return UdpListener(
-            service.name,
-            sock,
-            balancer,
-            loop,
-            timeout=self._udp_timeout,
-            max_sessions=self._udp_max_sessions,
-        )
+    def _open(
+        self,
+        service: ServicePort,
+        port: int,
+        families: tuple[Family, ...],
+        loop: asyncio.AbstractEventLoop,
+    ) -> Listeners:
+        """Bind every family's socket on one port (the first family's, when the kernel chooses
+        it) before any becomes a listener: a port taken in one family is tried no further."""
+        opener = open_tcp_socket if service.protocol is Protocol.TCP else open_udp_socket
+        socks: dict[Family, socket.socket] = {}
+        try:
+            for family in families:
+                address = family_address(self._bind_address, family)
+                socks[family] = opener(address, port, _SOCKET_FAMILY[family])
+                port = socks[family].getsockname()[1]
+        except OSError:
+            for sock in socks.values():
+                sock.close()
+            raise
+        return {
+            family: listen_on(
+                sock,
+                service,
+                self._balancer_factory(),
+                loop,
+                tcp_options=self._tcp_options,
+                udp_timeout=self._udp_timeout,
+                udp_max_sessions=self._udp_max_sessions,
+            )
+            for family, sock in socks.items()
+        }
 
     def _converge_external(self, state: _ServicePortState) -> None:
         if _needs_external_listener(state.service):
-            if state.external is None:
-                state.external = self._start(state.service, traffic="external")
-        elif state.external is not None:
-            self._stop(state.service.name, state.external, "external traffic policy changed")
-            state.external = None
+            if not state.external_by_family:
+                state.external_by_family = self._start(state.service, state.families, "external")
+        elif state.external_by_family:
+            for listener in state.external_by_family.values():
+                self._stop(state.service.name, listener, "external traffic policy changed")
+            state.external_by_family = {}
 
-    def _update_endpoints(self, state: _ServicePortState, endpoints: tuple[Endpoint, ...]) -> None:
+    def _update_endpoints(
+        self, state: _ServicePortState, endpoints: tuple[Endpoint, ...], node_zone: str
+    ) -> None:
         state.endpoints = endpoints
         service = state.service
-        chosen = categorize_endpoints(endpoints, service, self._node_name)
-        self._balance(service, state.listener, chosen.internal, "cluster")
-        if state.external is not None:
-            self._balance(service, state.external, chosen.external, "external")
+        for family, listener in state.cluster.items():
+            # Each family's listener dials its own family's endpoints (one slice per family).
+            mine = (
+                tuple(e for e in endpoints if _family(e.ip) == family)
+                if state.own_family
+                else endpoints
+            )
+            chosen = categorize_endpoints(mine, service, self._node_name, node_zone)
+            self._balance(service, listener, chosen.internal, "cluster", family)
+            external = state.external_by_family.get(family)
+            if external is not None:
+                self._balance(service, external, chosen.external, "external", family)
 
     def _balance(
-        self, service: ServicePort, listener: Listener, usable: tuple[Endpoint, ...], traffic: str
+        self,
+        service: ServicePort,
+        listener: Listener,
+        usable: tuple[Endpoint, ...],
+        traffic: str,
+        family: Family,
     ) -> None:
         balancer = listener.balancer
         before = balancer.endpoints
@@ -268,6 +423,7 @@ class UserspaceProxier:
                 "endpoints_updated",
                 service=str(service.name),
                 traffic=traffic,
+                family=family,
                 endpoints=[str(e) for e in sorted(usable)],
             )
 

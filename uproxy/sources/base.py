@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from uproxy.model import EndpointSlice, ObjectKey, ServicePort
+from uproxy.model import EndpointSlice, NodeInfo, ObjectKey, ServicePort
 
 
 class ConfigHandler(Protocol):
@@ -21,6 +21,12 @@ class ConfigHandler(Protocol):
 
     def slice_deleted(self, key: ObjectKey) -> None:
         """The EndpointSlice `key` is gone (a no-op when it was never known)."""
+
+    def node_updated(self, node: NodeInfo) -> None:
+        """The Node `node.name` now looks like this (an add or an update)."""
+
+    def node_deleted(self, name: str) -> None:
+        """The Node `name` is gone (a no-op when it was never known)."""
 
     def source_synced(self, source: str) -> None:
         """`source` has delivered its complete initial state; called once per source."""

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import structlog
 
-from uproxy.model import AddressType, EndpointSlice, ObjectKey, SliceEndpoint
+from uproxy.model import AddressType, EndpointSlice, ObjectKey, ServicePort, SliceEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -75,8 +75,16 @@ def _resolved_family(endpoints: Iterable[SliceEndpoint]) -> AddressType:
     return AddressType.IPV6 if versions == {6} else AddressType.IPV4
 
 
-def resolve_slice(slice_: EndpointSlice, addresses: Mapping[str, tuple[str, ...]]) -> EndpointSlice:
-    """An FQDN slice with each endpoint's name replaced by one endpoint per resolved IP.
+BOTH_FAMILIES = frozenset({4, 6})
+
+
+def resolve_slice(
+    slice_: EndpointSlice,
+    addresses: Mapping[str, tuple[str, ...]],
+    families: frozenset[int] = BOTH_FAMILIES,
+) -> EndpointSlice:
+    """An FQDN slice with each endpoint's name replaced by one endpoint per resolved IP of
+    `families` (4, 6).
 
     Only an endpoint's first address is used, as everywhere else; names not in `addresses`
     contribute nothing.
@@ -85,8 +93,30 @@ def resolve_slice(slice_: EndpointSlice, addresses: Mapping[str, tuple[str, ...]
         replace(ep, addresses=(ip,))
         for ep in slice_.endpoints
         for ip in addresses.get(ep.addresses[0], ())
+        if ipaddress.ip_address(ip).version in families
     )
     return replace(slice_, address_type=_resolved_family(endpoints), endpoints=endpoints)
+
+
+def service_families(ports: Iterable[ServicePort]) -> frozenset[int]:
+    """The families of a Service's virtual IPs; both when it has none (headless)."""
+    found = frozenset(
+        ipaddress.ip_address(ip).version
+        for port in ports
+        for ip in (*port.cluster_ips, *port.external_ips, *port.load_balancer_ips)
+    )
+    return found or BOTH_FAMILIES
+
+
+def fqdn_families(choice: str, ports: Iterable[ServicePort]) -> frozenset[int]:
+    """What `--fqdn-families` means for one Service's FQDN slices."""
+    if choice == "IPv4":
+        return frozenset({4})
+    if choice == "IPv6":
+        return frozenset({6})
+    if choice == "both":
+        return BOTH_FAMILIES
+    return service_families(ports)
 
 
 def fqdn_hosts(slices: Iterable[EndpointSlice]) -> dict[str, ObjectKey]:

@@ -29,9 +29,9 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 
 from uproxy import __version__
 from uproxy.backoff import Backoff
-from uproxy.convert import SKIP_LABELS, convert_endpoint_slice, convert_service
+from uproxy.convert import SKIP_LABELS, convert_endpoint_slice, convert_node, convert_service
 from uproxy.errors import ConversionError, SettingsError
-from uproxy.model import EndpointSlice, ObjectKey, ServicePort
+from uproxy.model import EndpointSlice, NodeInfo, ObjectKey, ServicePort
 from uproxy.sources.base import ConfigHandler
 
 log = structlog.get_logger(__name__)
@@ -181,6 +181,8 @@ class _Resource(Generic[T]):
     convert: Callable[[Mapping[str, Any]], T | None]
     updated: Callable[[ConfigHandler, ObjectKey, T], None]
     deleted: Callable[[ConfigHandler, ObjectKey], None]
+    # The list and watch selector (label_selector or field_selector).
+    selector: Mapping[str, str]
 
 
 def _service_updated(
@@ -199,6 +201,7 @@ SERVICES: _Resource[tuple[ServicePort, ...]] = _Resource(
     convert=convert_service,
     updated=_service_updated,
     deleted=lambda handler, key: handler.service_deleted(key),
+    selector={"label_selector": LABEL_SELECTOR},
 )
 ENDPOINT_SLICES: _Resource[EndpointSlice] = _Resource(
     kind="EndpointSlice",
@@ -206,7 +209,24 @@ ENDPOINT_SLICES: _Resource[EndpointSlice] = _Resource(
     convert=convert_endpoint_slice,
     updated=_slice_updated,
     deleted=lambda handler, key: handler.slice_deleted(key),
+    selector={"label_selector": LABEL_SELECTOR},
 )
+
+
+def _node_updated(handler: ConfigHandler, key: ObjectKey, node: NodeInfo) -> None:
+    handler.node_updated(node)
+
+
+def node_resource(node_name: str) -> _Resource[NodeInfo]:
+    """This node's own Node object (for its topology zone), as kube-proxy watches it."""
+    return _Resource(
+        kind="Node",
+        list_call=lambda api: k8s.CoreV1Api(api).list_node,
+        convert=convert_node,
+        updated=_node_updated,
+        deleted=lambda handler, key: handler.node_deleted(key.name),
+        selector={"field_selector": f"metadata.name={node_name}"},
+    )
 
 
 def _metadata(obj: object) -> Mapping[str, Any]:
@@ -332,7 +352,7 @@ class _Reflector(Generic[T]):
             connect=_CONNECT_TIMEOUT, sock_connect=_CONNECT_TIMEOUT, sock_read=read_timeout
         )
         response = await call(
-            label_selector=LABEL_SELECTOR,
+            **self._resource.selector,
             _preload_content=False,
             _request_timeout=timeout,
             **params,
@@ -484,10 +504,12 @@ class KubeSource:
         context: str | None,
         master: str | None,
         in_cluster: bool,
+        node_name: str = "",
         backoff_cap: float = 30.0,
         watch_timeout: int = 300,
     ) -> None:
         self._client = _ClientConfig(kubeconfig, context, master, in_cluster)
+        self._node_name = node_name
         self._backoff_cap = backoff_cap
         self._watch_timeout = watch_timeout
         self._reflectors: list[_Reflector[Any]] = []
@@ -502,14 +524,21 @@ class KubeSource:
         log.info("kube_source_starting", host=self._client.host, label_selector=LABEL_SELECTOR)
         async with self._api_client() as api:
             api.user_agent = f"uproxy/{__version__}"
-            self._reflectors = [
+            proxied = [
                 self._reflector(resource, api, handler) for resource in (SERVICES, ENDPOINT_SLICES)
             ]
+            # The Node only refines routing (topology hints): proxying never waits for it, so a
+            # role without `get nodes` still proxies, with hints ignored until the Node arrives.
+            self._reflectors = [*proxied]
+            if self._node_name:
+                self._reflectors.append(
+                    self._reflector(node_resource(self._node_name), api, handler)
+                )
             try:
                 async with asyncio.TaskGroup() as tasks:
                     for reflector in self._reflectors:
                         tasks.create_task(reflector.run(), name=f"kube-{reflector.kind}")
-                    for reflector in self._reflectors:
+                    for reflector in proxied:
                         await reflector.synced.wait()
                     self._synced(handler)
             finally:

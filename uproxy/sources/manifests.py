@@ -15,16 +15,26 @@ from pathlib import Path
 
 import structlog
 
-from uproxy.errors import ManifestError
+from uproxy.errors import ManifestError, SettingsError
 from uproxy.model import AddressType, ObjectKey
 from uproxy.sources.base import ConfigHandler
-from uproxy.sources.fqdn_resolver import DnsCache, Resolver, fqdn_hosts, resolve_host, resolve_slice
+from uproxy.sources.fqdn_resolver import (
+    DnsCache,
+    Resolver,
+    fqdn_families,
+    fqdn_hosts,
+    resolve_host,
+    resolve_slice,
+)
 from uproxy.sources.manifest_loader import (
+    NO_MANIFEST_FILES,
+    Ignored,
     LoadedFile,
     ManifestItemError,
     Manifests,
     list_directory,
     load_file_collecting,
+    load_report,
     merge_files,
 )
 
@@ -44,12 +54,44 @@ def _log_invalid(error: ManifestError) -> None:
     )
 
 
+def log_ignored(ignored: Ignored) -> None:
+    log.warning(
+        "manifest_ignored",
+        path=ignored.path,
+        document=ignored.document,
+        **({"item": ignored.item} if ignored.item is not None else {}),
+        object=ignored.object,
+        reason=ignored.reason,
+    )
+
+
+def check_start_paths(paths: Sequence[Path]) -> None:
+    """Raise SettingsError naming the first path given at start that does not exist or holds no
+    Service or EndpointSlice (a typo, the wrong folder), after logging what was found there.
+    Later, a path that disappears or breaks only keeps its last good state."""
+    report = load_report(paths)
+    if not report.unusable:
+        return  # the source logs what it finds as it loads
+    fatal = [id(e) for e in report.unusable.values()]  # said once, by the fatal error
+    for error in report.errors:
+        if id(error) not in fatal:
+            _log_invalid(error)
+    for ignored in report.ignored:
+        log_ignored(ignored)
+    raise SettingsError(f"--config {next(iter(report.unusable.values()))}")
+
+
 def _signature(path: Path) -> Signature | None:
     try:
         st = os.stat(path)  # follows symlinks: ConfigMap mounts swap a `..data` symlink
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _vanished(path: Path) -> bool:
+    """Whether `path` is gone (a stat that fails for another reason is an error to report)."""
+    return not os.path.lexists(path)
 
 
 class ManifestSource:
@@ -64,12 +106,14 @@ class ManifestSource:
         poll_interval: float = 0.25,
         dns_refresh: float = 10.0,
         resolver: Resolver | None = None,
+        fqdn_families: str = "service",
     ) -> None:
         self._paths = [Path(p) for p in paths]
         # A zero or negative period from a flag would otherwise turn the loops into busy-waits.
         self._poll_interval = max(poll_interval, _MIN_PERIOD)
         self._dns_refresh = max(dns_refresh, _MIN_PERIOD)
         self._dns = DnsCache(resolver or resolve_host, timeout=_DNS_TIMEOUT)
+        self._fqdn_families = fqdn_families
         self._wake = asyncio.Event()
         self._force = False
         self._dirty = True
@@ -77,7 +121,7 @@ class ManifestSource:
         self._signatures: dict[Path, Signature | None] = {}
         self._listing: dict[Path, list[Path]] = {}
         self._missing: set[Path] = set()
-        self._warned_kinds: set[str] = set()
+        self._empty_dirs: set[Path] = set()
         self._duplicate_errors: list[str] = []
         self._files: list[Path] = []
         self._delivered = Manifests()
@@ -136,6 +180,7 @@ class ManifestSource:
         try:
             if path.is_dir():
                 self._listing[path] = list_directory(path)
+                self._note_empty(path, not self._listing[path])
             elif path.is_file():
                 self._listing[path] = [path]
             else:
@@ -148,6 +193,13 @@ class ManifestSource:
         self._missing.discard(path)
         return self._listing[path]
 
+    def _note_empty(self, directory: Path, empty: bool) -> None:
+        if not empty:
+            self._empty_dirs.discard(directory)
+        elif directory not in self._empty_dirs:
+            self._empty_dirs.add(directory)
+            log_ignored(Ignored(str(directory), None, None, None, NO_MANIFEST_FILES))
+
     def _note_missing(self, path: Path) -> None:
         self._listing.pop(path, None)
         if path not in self._missing:
@@ -158,15 +210,17 @@ class ManifestSource:
 
     async def _reload(self, path: Path) -> None:
         loaded, errors = await asyncio.to_thread(load_file_collecting, path)
+        if errors and _vanished(path):
+            self._good.pop(path, None)  # deleted while being read: gone, not broken
+            self._signatures.pop(path, None)
+            return
         for error in errors:
             _log_invalid(error)
         if errors:
             return
         self._good[path] = loaded
-        for kind in loaded.ignored_kinds:
-            if kind not in self._warned_kinds:
-                self._warned_kinds.add(kind)
-                log.warning("manifest_kind_ignored", path=str(path), kind=kind)
+        for ignored in loaded.ignored:
+            log_ignored(ignored)
         for skipped in loaded.skipped:
             log.info(
                 "manifest_object_skipped",
@@ -180,6 +234,12 @@ class ManifestSource:
         changed = False
         for path in files:
             signature = _signature(path)
+            if signature is None and _vanished(path):
+                # Deleted since the directory was listed: gone, not broken (the next listing
+                # agrees; a path given by name that vanished is reported by that listing).
+                changed |= self._good.pop(path, None) is not None
+                self._signatures.pop(path, None)
+                continue
             if not force and path in self._signatures and self._signatures[path] == signature:
                 continue
             self._signatures[path] = signature
@@ -217,7 +277,10 @@ class ManifestSource:
         await self._dns.resolve(hosts, only_new=not force)
         for key, slice_ in merged.slices.items():
             if slice_.address_type is AddressType.FQDN:
-                merged.slices[key] = resolve_slice(slice_, self._dns.addresses)
+                families = fqdn_families(
+                    self._fqdn_families, merged.services.get(slice_.service, ())
+                )
+                merged.slices[key] = resolve_slice(slice_, self._dns.addresses, families)
         self._deliver(handler, merged)
 
     def _deliver(self, handler: ConfigHandler, target: Manifests) -> None:
@@ -240,6 +303,13 @@ class ManifestSource:
             if current.slices.get(key) != slice_:
                 handler.slice_updated(slice_)
                 current.slices[key] = slice_
+        for name in sorted(current.nodes.keys() - target.nodes.keys()):
+            handler.node_deleted(name)
+            del current.nodes[name]
+        for name, node in sorted(target.nodes.items()):
+            if current.nodes.get(name) != node:
+                handler.node_updated(node)
+                current.nodes[name] = node
         self._dirty = False
         log.info(
             "manifests_loaded",

@@ -1,0 +1,1 @@
+"""`--workers N`: one control plane, N forwarding processes sharing every proxy port."""
