@@ -41,7 +41,7 @@ def add_ipv6(topo: Topology) -> None:
         end.run("ip", "-6", "addr", "add", f"fd00:20:{n}::2/64", "dev", f"veth{end_dev}", "nodad")
         end.run("ip", "-6", "route", "add", "default", "via", f"fd00:20:{n}::1")
         end.start("socat", "TCP6-LISTEN:8080,ipv6only=1,fork,reuseaddr", f"SYSTEM:echo be{n}-v6")
-        end.start("socat", "UDP6-RECVFROM:5353,ipv6only=1,fork", f"SYSTEM:echo be{n}-v6-udp")
+        end.start_udp_answerer(f"fd00:20:{n}::2", 5353, f"be{n}-v6-udp")
 
 
 def dual_stack_manifests() -> list[Any]:

@@ -62,6 +62,18 @@ def missing_tools(*tools: str) -> list[str]:
     return [t for t in tools if shutil.which(t, path=path) is None]
 
 
+_UDP_ANSWERER = r"""
+import socket, sys
+host, port, answer = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_DGRAM)
+sock.bind((host, port))
+while True:
+    data, peer = sock.recvfrom(65535)
+    sock.sendto((answer.replace("{peer}", peer[0]) + "\n").encode(), peer)
+"""
+
+
 class Process:
     """A process whose output lines (stdout and stderr merged) are collected; JSON lines are
     also parsed as events, so tests can wait for `{"event": "listener_started", ...}`."""
@@ -239,6 +251,14 @@ class Namespace:
 
     def start_python(self, *args: str, **kwargs: Any) -> Process:
         return self.start(sys.executable, *args, **kwargs)
+
+    def start_udp_answerer(self, host: str, port: int, answer: str) -> Process:
+        """A UDP server on host:port that answers every datagram with `answer` (`{peer}` in it
+        becomes the sender's address). One socket, one process: socat's `UDP-RECVFROM,fork`
+        loses datagrams that arrive while the child for the previous one still holds the
+        socket (seen here: 2 of 100 back-to-back queries on loopback unanswered; through uproxy
+        on a loaded machine, one query in a few tens)."""
+        return self.start_python("-c", _UDP_ANSWERER, host, str(port), answer)
 
     def route(self, destination: str, *, via: str | None = None, dev: str | None = None) -> None:
         argv = ["ip", "route", "replace", destination]

@@ -88,7 +88,7 @@ def manifests() -> list[Any]:
 def start_backends(topo: Topology) -> None:
     for n, end in enumerate(topo.backends, start=1):
         end.start("socat", "TCP-LISTEN:8080,fork,reuseaddr", f"SYSTEM:echo be{n}")
-        end.start("socat", "UDP4-RECVFROM:5353,fork", f"SYSTEM:echo be{n}-udp")
+        end.start_udp_answerer(f"10.20.{n}.2", 5353, f"be{n}-udp")
         # (IPv6 :8080 and :5353: add_ipv6)
     for n, end in enumerate(topo.backends, start=1):  # every socat is listening
         for proto, host, answer in [

@@ -11,9 +11,9 @@ namespaces, each wired to the node by its own veth and routed through it (as a r
 fd00:20::1 only. The client routes the service CIDR 10.96.0.0/16 and the externalIP range
 10.30.0.0/24 to the node, and all of IPv6 (fd00:96::/64, the IPv6 ClusterIPs, included).
 
-Each backend runs socat, over IPv4 and IPv6: TCP :8080 answers "bN <peer address>" and then
-echoes, UDP :5353 answers "bN <peer address>" to every datagram; the peer address shows who
-masqueraded what.
+Each backend, over IPv4 and IPv6: TCP :8080 (socat) answers "bN <peer address>" and then
+echoes, UDP :5353 (one socket, `Namespace.start_udp_answerer`) answers "bN <peer address>" to
+every datagram; the peer address shows who masqueraded what.
 
 One uproxy process serves the whole module (Python under TCG is ~20x slower, so every start
 costs tens of seconds); tests change its manifests and wait for the kernel to follow. They run
@@ -417,14 +417,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 net, name, NODE_SIDE[name], ip, NODE_SIDE6[name], BACKENDS6[name]
             )
             # $SOCAT_PEERADDR: who the backend thinks it talks to (masqueraded or not).
-            for tcp, udp in (("TCP-LISTEN", "UDP-RECVFROM"), ("TCP6-LISTEN", "UDP6-RECVFROM")):
+            for tcp in ("TCP-LISTEN", "TCP6-LISTEN"):
                 v6 = ",ipv6only=1" if tcp.startswith("TCP6") else ""
                 ns.start(
                     "socat",
                     f"{tcp}:8080,fork,reuseaddr{v6}",
                     f"SYSTEM:echo {name} $SOCAT_PEERADDR; exec cat",
                 )
-                ns.start("socat", f"{udp}:5353,fork{v6}", f"SYSTEM:echo {name} $SOCAT_PEERADDR")
+            for address in (ip, BACKENDS6[name]):
+                ns.start_udp_answerer(address, 5353, f"{name} {{peer}}")
         # Someone else's virtual server on this node: uproxy must never touch it.
         run("ipvsadm", "-A", "-t", f"{FOREIGN_VIP}:80", "-s", "wlc")
         run("ipvsadm", "-a", "-t", f"{FOREIGN_VIP}:80", "-r", f"{BACKENDS['b3']}:8080", "-m")
@@ -450,7 +451,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def _answers(ns: Namespace, ip: str) -> bool:
     with contextlib.suppress(OSError, ValueError):
-        return bool(hello(ns, ip, 8080, timeout=2))
+        return bool(hello(ns, ip, 8080, timeout=2)) and bool(datagram(ns, ip, 5353, timeout=2))
     return False
 
 
