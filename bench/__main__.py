@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     contenders = _select(all_contenders(workers, args.pin_proxy), args.contenders)
     loads = [LOAD[k.strip()] for k in args.loads.split(",")] if args.loads else list(LOADS)
     cp_sizes = (1000, 10000)
-    out: Path = args.out
+    # Absolute: nginx and HAProxy resolve their paths against their own prefix, not our cwd.
+    out: Path = args.out.resolve()
     logs = out / "logs"  # configs and daemon output of the last run, for when something fails
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then keeps
     # ignoring it, so a Ctrl-C (or `kill -INT`) would not stop a benchmark started that way.
