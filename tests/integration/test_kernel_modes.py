@@ -346,15 +346,20 @@ def dig(ns: Namespace, server: str, port: int = 53, source_port: int | None = No
     return out.stdout.strip() or f"no answer: {out.stderr.strip()}"
 
 
+def require_mode(mode: str, backend: str) -> None:
+    """Skip (with the reason) unless this host has the tools of `mode` on iptables `backend`."""
+    require_backend(backend)
+    if mode == "nftables":
+        require_tools("nft")
+
+
 # -- fixtures --------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=KERNEL_MODES, ids=[f"{m}-{b}" for m, b in KERNEL_MODES])
 def case(request: pytest.FixtureRequest) -> tuple[str, str]:
     mode, backend = request.param
-    require_backend(backend)
-    if mode == "nftables":
-        require_tools("nft")
+    require_mode(mode, backend)
     return str(mode), str(backend)
 
 

@@ -35,7 +35,7 @@ from tests.integration.test_kernel_modes import (
     build_topology,
     curl,
     dig,
-    require_backend,
+    require_mode,
     start_backends,
     start_uproxy,
     uproxy_lines,
@@ -84,9 +84,7 @@ def manifests() -> list[dict[str, Any]]:
 @pytest.fixture(params=MODES, ids=[f"{m}-{b}" for m, b in MODES])
 def case(request: pytest.FixtureRequest) -> tuple[str, str]:
     mode, backend = request.param
-    require_backend(backend)
-    if mode == "nftables":
-        require_tools("nft")
+    require_mode(mode, backend)
     return str(mode), str(backend)
 
 

@@ -24,7 +24,7 @@ from tests.integration.test_kernel_modes import (
     Topology,
     build_topology,
     many,
-    require_backend,
+    require_mode,
     start_backends,
     start_uproxy,
     wait_for_change,
@@ -83,9 +83,7 @@ def zoned(hints: dict[str, str], node_zone: str | None) -> list[dict[str, Any]]:
 @pytest.fixture(params=MODES, ids=[f"{m}-{b}" for m, b in MODES])
 def case(request: pytest.FixtureRequest) -> tuple[str, str]:
     mode, backend = request.param
-    require_backend(backend)
-    if mode == "nftables":
-        require_tools("nft")
+    require_mode(mode, backend)
     return str(mode), str(backend)
 
 
