@@ -30,6 +30,23 @@ def _socket() -> socket.socket:
     return sock
 
 
+def _listener(
+    backend: socket.socket, clock: FakeClock, *, timeout: float, max_sessions: int
+) -> UdpListener:
+    """A loopback UDP listener whose one endpoint is `backend`; call it inside the loop."""
+    balancer = LoadBalancer()
+    balancer.update([Endpoint("127.0.0.1", backend.getsockname()[1])], None)
+    return UdpListener(
+        DNS,
+        open_udp_socket("127.0.0.1", 0, socket.AF_INET),
+        balancer,
+        asyncio.get_running_loop(),
+        timeout=timeout,
+        max_sessions=max_sessions,
+        clock=clock,
+    )
+
+
 async def _answer(backend: socket.socket, n: int) -> None:
     """The backend echoes `n` datagrams."""
     loop = asyncio.get_running_loop()
@@ -62,17 +79,7 @@ def test_at_the_cap_established_sessions_are_served_and_new_ones_refused_counted
     async def run() -> None:
         clock = FakeClock()
         backend = _socket()
-        balancer = LoadBalancer()
-        balancer.update([Endpoint("127.0.0.1", backend.getsockname()[1])], None)
-        listener = UdpListener(
-            DNS,
-            open_udp_socket("127.0.0.1", 0, socket.AF_INET),
-            balancer,
-            asyncio.get_running_loop(),
-            timeout=60,
-            max_sessions=2,
-            clock=clock,
-        )
+        listener = _listener(backend, clock, timeout=60, max_sessions=2)
         clients = [_socket() for _ in range(4)]
         echo = asyncio.create_task(_answer(backend, 5))
         try:
@@ -109,17 +116,7 @@ def test_a_session_whose_datagram_waits_in_a_backlog_is_not_expired() -> None:
     async def run() -> None:
         clock = FakeClock()
         backend = _socket()
-        balancer = LoadBalancer()
-        balancer.update([Endpoint("127.0.0.1", backend.getsockname()[1])], None)
-        listener = UdpListener(
-            DNS,
-            open_udp_socket("127.0.0.1", 0, socket.AF_INET),
-            balancer,
-            asyncio.get_running_loop(),
-            timeout=1,
-            max_sessions=10,
-            clock=clock,
-        )
+        listener = _listener(backend, clock, timeout=1, max_sessions=10)
         steady, noisy = _socket(), _socket()
         echo = asyncio.create_task(_answer(backend, 1))
         try:
